@@ -1,0 +1,82 @@
+"""VampPrior: a mixture of the encoder's posteriors at K learnable pseudo-inputs.
+
+    p(z) = 1/K sum_k q(z | u_k),    log p(z) = logsumexp_k log q(z | u_k) - log K
+
+The pseudo-inputs are parametrised as in the paper's code, u_k = hardtanh(W e_k) into the data
+range [0, 1], with W initialised N(0.05, 0.01) (``init = "paper"``) or from random training
+images (``init = "data"``). The prior shares the VAE's encoder (it is given at build time), so
+its parameters are W and the encoder's. The pseudo-inputs are encoded once per ``log_prob``
+call, so one training step encodes them once. ``sample(n)`` picks components uniformly at
+random (not the first n pseudo-inputs), then samples their posteriors.
+
+References:
+    | VAE with a VampPrior (Tomczak & Welling, 2018)
+    | https://arxiv.org/abs/1705.07120
+"""
+
+import torch
+from torch import nn
+
+from priorvae.errors import PriorError
+from priorvae.gaussian import mixture_log_prob
+from priorvae.registry import Prior, register_prior
+
+__all__ = ["VampPrior"]
+
+
+@register_prior("vampprior")
+class VampPrior(Prior):
+    """Variational mixture of posteriors with K pseudo-inputs of shape ``input_shape``.
+
+    Args:
+        latent_dim: D.
+        encoder: module mapping x (K, C, H, W) to (mu, logvar), each (K, D) (build context).
+        input_shape: (C, H, W) (build context).
+        data: training images (N, C, H, W) in [0, 1], used by ``init = "data"`` (context).
+        n_components: K, the number of pseudo-inputs.
+        init: ``"paper"`` (W ~ N(init_mean, init_std)) or ``"data"`` (random training images).
+    """
+
+    def __init__(self, latent_dim: int, encoder: nn.Module, input_shape: tuple,
+                 data: torch.Tensor | None = None, n_components: int = 500,
+                 init: str = "paper", init_mean: float = 0.05, init_std: float = 0.01):
+        super().__init__(latent_dim)
+        if n_components < 1:
+            raise PriorError(f"vampprior: n_components must be positive, got {n_components}")
+        self.encoder = encoder
+        weight = torch.empty(n_components, *input_shape)
+        if init == "paper":
+            nn.init.normal_(weight, init_mean, init_std)
+        elif init == "data":
+            if data is None:
+                raise PriorError("vampprior: init = 'data' needs the training data context")
+            idx = torch.randint(len(data), (n_components,))
+            # keep inside (0, 1) so that hardtanh passes gradients to every pixel
+            weight.copy_(data[idx].detach().float().cpu().clamp(0.01, 0.99))
+        else:
+            raise PriorError(f"vampprior: init must be 'paper' or 'data', got {init!r}")
+        self.pseudo = nn.Parameter(weight)
+
+    @property
+    def n_components(self) -> int:
+        return self.pseudo.shape[0]
+
+    def pseudo_inputs(self) -> torch.Tensor:
+        """u_k = hardtanh(W e_k) in [0, 1]: (K, C, H, W)."""
+        return nn.functional.hardtanh(self.pseudo, 0.0, 1.0)
+
+    def components(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior parameters at the pseudo-inputs: (mu, logvar), each (K, D)."""
+        return self.encoder(self.pseudo_inputs())
+
+    def _log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        mu, logvar = self.components()
+        return mixture_log_prob(z, mu, logvar)
+
+    def _sample(self, n: int) -> torch.Tensor:
+        mu, logvar = self.components()
+        k = torch.randint(self.n_components, (n,), device=mu.device)
+        return mu[k] + torch.exp(0.5 * logvar[k]) * torch.randn_like(mu[k])
+
+    def extra_repr(self) -> str:
+        return f"latent_dim={self.latent_dim}, n_components={self.n_components}"

@@ -1,0 +1,118 @@
+"""The ``priorvae`` command line: train, evaluate, sample, priors."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .errors import PriorVAEError
+
+__all__ = ["main", "default_run_dir"]
+
+
+def default_run_dir(config_path: str | None, cfg) -> Path:
+    stem = Path(config_path).stem if config_path else "run"
+    prior = cfg.prior.name.replace("/", "_").replace(":", "_").replace(".py", "")
+    prior = prior.rsplit("_", 1)[-1] if ":" in cfg.prior.name else prior
+    return Path("runs") / f"{stem}-{prior}-seed{cfg.train.seed}"
+
+
+def _cmd_train(args) -> int:
+    from .config import load_config
+    from .train import train
+
+    cfg = load_config(args.config, args.set)
+    run_dir = Path(args.out) if args.out else default_run_dir(args.config, cfg)
+    print(f"run folder: {run_dir}   (TensorBoard: tensorboard --logdir {run_dir.parent})")
+    metrics = train(cfg, run_dir, progress=not args.quiet)
+    summary = {k: metrics.get(k) for k in
+               ("status", "epochs_trained", "best_epoch", "best_val_elbo", "train_seconds")}
+    print(json.dumps(summary))
+    return 0
+
+
+def _cmd_evaluate(args) -> int:
+    from .evaluate import evaluate_run
+
+    metrics = evaluate_run(args.run_dir, iw_samples=args.iw_samples, device=args.device,
+                           progress=not args.quiet, limit=args.limit)
+    keys = ("test_elbo", "test_nll", "iw_samples", "test_images", "eval_seconds")
+    print(json.dumps({k: metrics[k] for k in keys}))
+    return 0
+
+
+def _cmd_sample(args) -> int:
+    import torch
+    from torchvision.utils import save_image
+
+    from .runs import load_run
+
+    if args.n < 1:
+        raise PriorVAEError(f"--n must be positive, got {args.n}")
+    torch.manual_seed(args.seed)
+    model = load_run(args.run_dir)
+    images = model.sample(args.n)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_image(images, str(out), nrow=args.nrow or max(1, int(round(args.n**0.5))), pad_value=1.0)
+    print(f"wrote {args.n} prior samples to {out}")
+    return 0
+
+
+def _cmd_priors(args) -> int:
+    from .registry import list_priors
+
+    for name in list_priors(args.pattern):
+        print(name)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="priorvae", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a VAE from a TOML config (resumes if interrupted)")
+    t.add_argument("config", help="TOML file with [data] [model] [prior] [train] tables")
+    t.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value (a TOML value; a bare word is a string)")
+    t.add_argument("--out", help="run folder (default: runs/CONFIG-PRIOR-seedN)")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(func=_cmd_train)
+
+    e = sub.add_parser("evaluate", help="test ELBO and IWAE NLL of a run's best model")
+    e.add_argument("run_dir")
+    e.add_argument("--iw-samples", type=int, help="importance samples K (default: [eval])")
+    e.add_argument("--device", help="cpu, cuda, ... (default: the run's [train] device)")
+    e.add_argument("--limit", type=int, help="only the first N test images")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.set_defaults(func=_cmd_evaluate)
+
+    s = sub.add_parser("sample", help="an image grid of samples from a run's prior")
+    s.add_argument("run_dir")
+    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--out", required=True, help="PNG file")
+    s.add_argument("--nrow", type=int, help="images per row")
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=_cmd_sample)
+
+    r = sub.add_parser("priors", help="list the registered priors")
+    r.add_argument("pattern", nargs="?", default="*", help="glob, e.g. '*flow*'")
+    r.set_defaults(func=_cmd_priors)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except PriorVAEError as exc:
+        print(f"priorvae {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,27 @@
+"""Exceptions that the command line prints as one clear line, without a traceback."""
+
+__all__ = ["PriorVAEError", "ConfigError", "DataError", "PriorError", "TrainingError", "RunError"]
+
+
+class PriorVAEError(Exception):
+    """Base class of every error priorvae raises on purpose (bad input, missing files...)."""
+
+
+class ConfigError(PriorVAEError, ValueError):
+    """A configuration file or a ``--set`` override is invalid."""
+
+
+class DataError(PriorVAEError):
+    """A data set cannot be found, read or downloaded."""
+
+
+class PriorError(PriorVAEError, ValueError):
+    """A prior cannot be registered or built (unknown name, bad arguments, wrong shapes)."""
+
+
+class TrainingError(PriorVAEError):
+    """Training had to stop (for instance a non-finite loss)."""
+
+
+class RunError(PriorVAEError):
+    """A run folder is missing, incomplete, or holds a different configuration."""

@@ -1,0 +1,332 @@
+"""The prior registry and the :class:`Prior` base class.
+
+Like torchvision's ``register_model``/``get_model``/``list_models``::
+
+    @register_prior("mog")
+    class MixtureOfGaussians(Prior): ...
+
+    build_prior("mog", latent_dim=40, n_components=10)
+    list_priors("*flow*")
+
+A prior is an ``nn.Module`` with ``log_prob(z) -> (B,)`` and ``sample(n) -> (n, D)``. Its
+state lives in parameters and buffers, so ``.to(device)``, ``state_dict()`` and checkpoints
+just work. Subclasses of :class:`Prior` implement ``_log_prob`` and ``_sample``; the public
+methods check shapes and call them.
+
+Names may also be ``"path/to/file.py:ClassName"`` or ``"package.module:ClassName"`` (the class
+is imported, no registration needed), and installed packages can register priors through the
+entry-point group ``priorvae.priors``.
+
+Priors that need context get it at build time by naming it in ``__init__``: ``encoder`` (the
+VAE's encoder module), ``input_shape`` (C, H, W) and ``data`` (training images (N, C, H, W),
+grey levels in [0, 1]; a placeholder when a run is restored from a checkpoint).
+"""
+
+from __future__ import annotations
+
+import difflib
+import fnmatch
+import importlib
+import importlib.util
+import inspect
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .errors import PriorError
+
+__all__ = [
+    "Prior",
+    "PriorContext",
+    "register_prior",
+    "build_prior",
+    "list_priors",
+    "get_prior_class",
+    "prior_arguments",
+    "CONTEXT_FIELDS",
+    "ENTRY_POINT_GROUP",
+]
+
+ENTRY_POINT_GROUP = "priorvae.priors"
+CONTEXT_FIELDS = ("encoder", "input_shape", "data")
+_REGISTRY: dict[str, type] = {}
+_loaded = {"builtins": False, "entry_points": False}
+
+
+class Prior(nn.Module):
+    """Base class of priors p(z) over R^D.
+
+    Subclasses call ``super().__init__(latent_dim)`` and implement ``_log_prob(z)`` (B, D) ->
+    (B,) and ``_sample(n)`` -> (n, D). The public ``log_prob``/``sample`` check the shapes.
+    """
+
+    prior_name: str = ""
+
+    def __init__(self, latent_dim: int):
+        super().__init__()
+        if not isinstance(latent_dim, int) or latent_dim < 1:
+            raise PriorError(f"latent_dim must be a positive integer, got {latent_dim!r}")
+        self.latent_dim = latent_dim
+
+    def _name(self) -> str:
+        return self.prior_name or type(self).__name__
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """log p(z): (B, D) -> (B,)."""
+        if z.dim() != 2 or z.shape[1] != self.latent_dim:
+            raise PriorError(
+                f"{self._name()}.log_prob expects z of shape (B, {self.latent_dim}), "
+                f"got {tuple(z.shape)}"
+            )
+        out = self._log_prob(z)
+        if out.shape != (z.shape[0],):
+            raise PriorError(
+                f"{self._name()}._log_prob returned shape {tuple(out.shape)}, "
+                f"expected ({z.shape[0]},) for z of shape {tuple(z.shape)}"
+            )
+        return out
+
+    def sample(self, n: int) -> torch.Tensor:
+        """n draws z ~ p(z): (n, D)."""
+        out = self._sample(int(n))
+        if out.shape != (n, self.latent_dim):
+            raise PriorError(
+                f"{self._name()}._sample({n}) returned shape {tuple(out.shape)}, "
+                f"expected ({n}, {self.latent_dim})"
+            )
+        return out
+
+    def _log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _sample(self, n: int) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        for t in (*self.parameters(), *self.buffers()):
+            return t.device
+        return torch.device("cpu")
+
+    def extra_repr(self) -> str:
+        return f"latent_dim={self.latent_dim}"
+
+
+@dataclass
+class PriorContext:
+    """What a prior may ask for at build time (by naming it in ``__init__``)."""
+
+    encoder: nn.Module | None = None
+    input_shape: tuple[int, ...] | None = None
+    data: torch.Tensor | None = None
+
+
+def register_prior(name: str):
+    """Class decorator registering a prior under ``name``; a duplicate name is an error."""
+    if not isinstance(name, str) or not name or ":" in name:
+        raise PriorError(f"a prior name must be a non-empty string without ':', got {name!r}")
+
+    def decorator(cls: type) -> type:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise PriorError(
+                f"a prior named {name!r} is already registered ({_qualname(_REGISTRY[name])}); "
+                f"choose another name for {_qualname(cls)}"
+            )
+        for method in ("log_prob", "sample"):
+            if not callable(getattr(cls, method, None)):
+                raise PriorError(f"{_qualname(cls)} has no {method}() method; subclass Prior")
+        cls.prior_name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorator
+
+
+def _qualname(cls: type) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _load_builtins() -> None:
+    if not _loaded["builtins"]:
+        _loaded["builtins"] = True
+        importlib.import_module("priorvae.priors")
+
+
+def _load_entry_points() -> None:
+    if _loaded["entry_points"]:
+        return
+    _loaded["entry_points"] = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in _REGISTRY:
+            continue
+        try:
+            obj = ep.load()
+        except Exception as exc:  # a broken plug-in must not break the registry
+            warnings.warn(f"could not load prior plug-in {ep.name!r} ({ep.value}): {exc}",
+                          stacklevel=2)
+            continue
+        if ep.name not in _REGISTRY and isinstance(obj, type):
+            register_prior(ep.name)(obj)
+
+
+def _ensure_loaded() -> None:
+    _load_builtins()
+    _load_entry_points()
+
+
+def list_priors(pattern: str = "*") -> list[str]:
+    """Sorted names of the registered priors matching the glob ``pattern``."""
+    _ensure_loaded()
+    return sorted(n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern))
+
+
+def _import_from_spec(spec: str) -> type:
+    """``path/to/file.py:Class`` or ``package.module:Class`` -> the class."""
+    target, _, attr = spec.rpartition(":")
+    if not target or not attr:
+        raise PriorError(f"expected 'path/to/file.py:ClassName' or 'module:ClassName', got {spec!r}")
+    if target.endswith(".py") or "/" in target or "\\" in target:
+        path = Path(target).expanduser().resolve()
+        if not path.is_file():
+            raise PriorError(f"prior file not found: {path} (from {spec!r})")
+        mod_name = f"priorvae_user_prior_{abs(hash(str(path)))}"
+        module = sys.modules.get(mod_name)
+        if module is None:
+            file_spec = importlib.util.spec_from_file_location(mod_name, path)
+            module = importlib.util.module_from_spec(file_spec)
+            sys.modules[mod_name] = module
+            try:
+                file_spec.loader.exec_module(module)
+            except Exception as exc:
+                del sys.modules[mod_name]
+                raise PriorError(f"could not import {path}: {type(exc).__name__}: {exc}") from exc
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as exc:
+            raise PriorError(f"could not import module {target!r} (from {spec!r}): {exc}") from exc
+    cls = getattr(module, attr, None)
+    if cls is None:
+        names = [n for n, v in vars(module).items() if isinstance(v, type)]
+        raise PriorError(f"{target} has no class {attr!r}; classes there: {', '.join(names)}")
+    if not isinstance(cls, type):
+        raise PriorError(f"{spec!r} is not a class")
+    return cls
+
+
+def get_prior_class(name: str) -> type:
+    """The class behind a registered name or an import spec ``file.py:Class``/``module:Class``."""
+    if not isinstance(name, str):
+        raise PriorError(f"a prior name must be a string, got {name!r}")
+    if ":" in name:
+        return _import_from_spec(name)
+    _ensure_loaded()
+    if name not in _REGISTRY:
+        known = sorted(_REGISTRY)
+        close = difflib.get_close_matches(name, known, n=3, cutoff=0.4)
+        hint = f" Did you mean: {', '.join(close)}?" if close else ""
+        raise PriorError(
+            f"unknown prior {name!r}. Known priors: {', '.join(known)}.{hint} "
+            f"A custom prior can be given as 'path/to/file.py:ClassName' or 'module:ClassName'."
+        )
+    return _REGISTRY[name]
+
+
+def prior_arguments(cls: type) -> dict[str, Any]:
+    """The keyword arguments a prior class accepts (besides latent_dim and context), with defaults."""
+    params = inspect.signature(cls.__init__).parameters
+    return {
+        n: (p.default if p.default is not inspect.Parameter.empty else "<required>")
+        for n, p in params.items()
+        if n not in ("self", "latent_dim", *CONTEXT_FIELDS)
+        and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    }
+
+
+def _check_built(prior: nn.Module, name: str, latent_dim: int) -> None:
+    """Probe log_prob and sample once so a wrong shape fails now, not deep inside training."""
+    for method in ("log_prob", "sample"):
+        if not callable(getattr(prior, method, None)):
+            raise PriorError(f"prior {name!r} has no {method}() method")
+    if not isinstance(prior, nn.Module):
+        raise PriorError(f"prior {name!r} must be a torch.nn.Module, got {type(prior).__name__}")
+    device = next((t.device for t in (*prior.parameters(), *prior.buffers())), torch.device("cpu"))
+    z = torch.zeros(3, latent_dim, device=device)
+    with torch.no_grad():
+        try:
+            lp = prior.log_prob(z)
+            s = prior.sample(2)
+        except PriorError:
+            raise
+        except Exception as exc:
+            raise PriorError(
+                f"prior {name!r} failed its build-time check (log_prob on z of shape "
+                f"(3, {latent_dim}), sample(2)): {type(exc).__name__}: {exc}"
+            ) from exc
+    if not isinstance(lp, torch.Tensor) or lp.shape != (3,):
+        got = tuple(lp.shape) if isinstance(lp, torch.Tensor) else type(lp).__name__
+        raise PriorError(
+            f"prior {name!r}: log_prob(z) must return shape (B,) = (3,) for z of shape "
+            f"(3, {latent_dim}), got {got}"
+        )
+    if not isinstance(s, torch.Tensor) or s.shape != (2, latent_dim):
+        got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
+        raise PriorError(f"prior {name!r}: sample(2) must return shape (2, {latent_dim}), got {got}")
+
+
+def build_prior(
+    name: str,
+    *,
+    latent_dim: int,
+    context: PriorContext | None = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """Build a prior by registered name (or import spec) for latent dimension ``latent_dim``.
+
+    Context (encoder, input shape, training data) is passed to the priors that name it in their
+    ``__init__``. Unknown keyword arguments are rejected, listing the accepted ones.
+    """
+    cls = get_prior_class(name)
+    params = inspect.signature(cls.__init__).parameters
+    accepts_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+    accepted = prior_arguments(cls)
+    unknown = [k for k in kwargs if k not in accepted]
+    if unknown and not accepts_var_kw:
+        listing = ", ".join(f"{k}={v!r}" for k, v in accepted.items()) or "(none)"
+        raise PriorError(
+            f"prior {name!r} got unknown argument(s) {', '.join(map(repr, unknown))}; "
+            f"it accepts: {listing}"
+        )
+    missing = [k for k, v in accepted.items() if v == "<required>" and k not in kwargs]
+    if missing:
+        raise PriorError(f"prior {name!r} needs argument(s): {', '.join(missing)}")
+    context = context or PriorContext()
+    ctx_kwargs = {}
+    for field_name in CONTEXT_FIELDS:
+        if field_name in params:
+            value = getattr(context, field_name)
+            if value is None and params[field_name].default is inspect.Parameter.empty:
+                raise PriorError(
+                    f"prior {name!r} needs the {field_name!r} context, which the VAE gives at "
+                    f"build time; build it through build_vae() or pass "
+                    f"context=PriorContext({field_name}=...)"
+                )
+            if value is not None:
+                ctx_kwargs[field_name] = value
+    if "latent_dim" not in params and not accepts_var_kw:
+        raise PriorError(f"prior class {_qualname(cls)} must accept a latent_dim argument")
+    try:
+        prior = cls(latent_dim=latent_dim, **ctx_kwargs, **kwargs)
+    except PriorError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise PriorError(f"could not build prior {name!r}: {exc}") from exc
+    _check_built(prior, name, latent_dim)
+    return prior

@@ -1,0 +1,128 @@
+"""The VAE: encoder + decoder + any prior, one ELBO for all priors.
+
+With q(z|x) = N(mu(x), diag(exp(logvar(x)))), z = mu + sigma * eps, the single-sample ELBO is
+
+    ELBO(x) = log p(x|z) - [log q(z|x) - log p(z)]
+
+(the bracket is the Monte-Carlo KL). The VAE never asks which prior it has: it only calls
+``prior.log_prob`` (once per step) and ``prior.sample``. The importance-weighted bound
+
+    IWAE_k(x) = logsumexp_i [log p(x|z_i) + log p(z_i) - log q(z_i|x)] - log k,  z_i ~ q(z|x)
+
+is computed in chunks over k so that k = 5000 fits in memory.
+
+References:
+    | Auto-Encoding Variational Bayes (Kingma & Welling, 2014) https://arxiv.org/abs/1312.6114
+    | Importance Weighted Autoencoders (Burda et al., 2016) https://arxiv.org/abs/1509.00519
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from einops import rearrange, repeat
+from torch import nn
+
+from .config import Config
+from .gaussian import LOG_2PI
+from .nets import BernoulliLikelihood, build_networks
+from .registry import PriorContext, build_prior
+
+__all__ = ["VAE", "build_vae"]
+
+
+class VAE(nn.Module):
+    """Encoder, decoder, prior and likelihood (Bernoulli by default).
+
+    Args:
+        encoder: x (B, ...) -> (mu, logvar), each (B, D).
+        decoder: z (B, D) -> likelihood parameters (B, ...) (Bernoulli logits by default).
+        prior: module with ``log_prob(z) -> (B,)`` and ``sample(n) -> (n, D)``.
+        likelihood: module ``(decoder_output, x) -> log p(x|z)`` of shape (B,), with ``mean``.
+    """
+
+    def __init__(self, encoder: nn.Module, decoder: nn.Module, prior: nn.Module,
+                 likelihood: nn.Module | None = None):
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.prior = prior
+        self.likelihood = likelihood if likelihood is not None else BernoulliLikelihood()
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Posterior parameters (mu, logvar), each (B, D)."""
+        return self.encoder(x)
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Decoder output (Bernoulli logits for binary data): (B, D) -> (B, ...)."""
+        return self.decoder(z)
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per-image terms of the single-sample ELBO, each (B,): ``recon`` = log p(x|z),
+        ``kl`` = log q(z|x) - log p(z), ``elbo`` = recon - kl."""
+        mu, logvar = self.encode(x)
+        eps = torch.randn_like(mu)
+        z = mu + torch.exp(0.5 * logvar) * eps
+        recon = self.likelihood(self.decode(z), x)
+        # log q(z|x) at z = mu + sigma*eps is exactly -1/2 sum(log 2pi + logvar + eps^2)
+        log_q = -0.5 * (LOG_2PI + logvar + eps**2).sum(-1)
+        kl = log_q - self.prior.log_prob(z)
+        return {"recon": recon, "kl": kl, "elbo": recon - kl}
+
+    def loss(self, x: torch.Tensor, beta: float = 1.0) -> tuple[torch.Tensor, dict]:
+        """Mean over the batch of -(log p(x|z) - beta * KL); also the mean terms."""
+        terms = self(x)
+        loss = -(terms["recon"] - beta * terms["kl"]).mean()
+        return loss, {k: v.detach().mean() for k, v in terms.items()}
+
+    @torch.no_grad()
+    def elbo(self, x: torch.Tensor) -> torch.Tensor:
+        """Single-sample ELBO per image (B,), in nats."""
+        return self(x)["elbo"]
+
+    @torch.no_grad()
+    def iwae(self, x: torch.Tensor, k: int, max_elements: int = 2**23) -> torch.Tensor:
+        """Importance-weighted bound on log p(x) with k samples per image: (B,), in nats.
+
+        Chunked over k so that no decoder output holds more than ``max_elements`` numbers.
+        """
+        if k < 1:
+            raise ValueError(f"k must be positive, got {k}")
+        mu, logvar = self.encode(x)
+        b, d = mu.shape
+        std = torch.exp(0.5 * logvar)
+        pixels = x[0].numel()
+        chunk = max(1, min(k, max_elements // max(1, b * pixels)))
+        log_w = []
+        for start in range(0, k, chunk):
+            c = min(chunk, k - start)
+            eps = torch.randn(c, b, d, device=mu.device, dtype=mu.dtype)
+            z = rearrange(mu + std * eps, "c b d -> (c b) d")
+            xs = repeat(x, "b ... -> (c b) ...", c=c)
+            log_px = self.likelihood(self.decode(z), xs)
+            log_pz = self.prior.log_prob(z)
+            log_q = rearrange(-0.5 * (LOG_2PI + logvar + eps**2).sum(-1), "c b -> (c b)")
+            log_w.append(rearrange(log_px + log_pz - log_q, "(c b) -> c b", c=c))
+        return torch.logsumexp(torch.cat(log_w), dim=0) - math.log(k)
+
+    @torch.no_grad()
+    def sample(self, n: int) -> torch.Tensor:
+        """n images decoded from prior samples (pixel probabilities): (n, ...)."""
+        return self.likelihood.mean(self.decode(self.prior.sample(n)))
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Decoded posterior means (pixel probabilities): (B, ...)."""
+        return self.likelihood.mean(self.decode(self.encode(x)[0]))
+
+
+def build_vae(cfg: Config, input_shape, data: torch.Tensor | None = None) -> VAE:
+    """Networks from ``[model]``, prior from ``[prior]`` (given the encoder as context)."""
+    encoder, decoder = build_networks(cfg.model, input_shape)
+    if data is None:  # restoring: priors that initialise from data get a placeholder
+        data = torch.zeros(1, *input_shape)
+    context = PriorContext(encoder=encoder, input_shape=tuple(input_shape), data=data)
+    prior = build_prior(cfg.prior.name, latent_dim=cfg.model.latent_dim, context=context,
+                        **cfg.prior.kwargs)
+    return VAE(encoder, decoder, prior)
