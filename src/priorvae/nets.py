@@ -50,7 +50,7 @@ class GatedDense(nn.Module):
 
 def _dense_stack(sizes: list[int], activation: str) -> nn.Sequential:
     layers: list[nn.Module] = []
-    for i, o in zip(sizes[:-1], sizes[1:]):
+    for i, o in zip(sizes[:-1], sizes[1:], strict=True):
         if activation == "gated":
             layers.append(GatedDense(i, o))
         elif activation == "relu":

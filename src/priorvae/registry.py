@@ -191,7 +191,8 @@ def _import_from_spec(spec: str) -> type:
     """``path/to/file.py:Class`` or ``package.module:Class`` -> the class."""
     target, _, attr = spec.rpartition(":")
     if not target or not attr:
-        raise PriorError(f"expected 'path/to/file.py:ClassName' or 'module:ClassName', got {spec!r}")
+        raise PriorError(
+            f"expected 'path/to/file.py:ClassName' or 'module:ClassName', got {spec!r}")
     if target.endswith(".py") or "/" in target or "\\" in target:
         path = Path(target).expanduser().resolve()
         if not path.is_file():
@@ -240,7 +241,7 @@ def get_prior_class(name: str) -> type:
 
 
 def prior_arguments(cls: type) -> dict[str, Any]:
-    """The keyword arguments a prior class accepts (besides latent_dim and context), with defaults."""
+    """Keyword arguments a prior class accepts (besides latent_dim and context), with defaults."""
     params = inspect.signature(cls.__init__).parameters
     return {
         n: (p.default if p.default is not inspect.Parameter.empty else "<required>")
@@ -278,7 +279,8 @@ def _check_built(prior: nn.Module, name: str, latent_dim: int) -> None:
         )
     if not isinstance(s, torch.Tensor) or s.shape != (2, latent_dim):
         got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
-        raise PriorError(f"prior {name!r}: sample(2) must return shape (2, {latent_dim}), got {got}")
+        raise PriorError(
+            f"prior {name!r}: sample(2) must return shape (2, {latent_dim}), got {got}")
 
 
 def build_prior(

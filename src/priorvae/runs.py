@@ -92,7 +92,8 @@ def update_metrics(run_dir: Path, **values: Any) -> dict[str, Any]:
     """Merge ``values`` into metrics.json (atomically) and return the result."""
     metrics = read_metrics(run_dir)
     metrics.update(values)
-    atomic_write_bytes(Path(run_dir) / METRICS_FILE, (json.dumps(metrics, indent=2) + "\n").encode())
+    text = json.dumps(metrics, indent=2) + "\n"
+    atomic_write_bytes(Path(run_dir) / METRICS_FILE, text.encode())
     return metrics
 
 

@@ -193,10 +193,13 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
             writer.add_scalar("train/beta", beta, epoch)
             writer.add_scalar("train/lr", row["lr"], epoch)
             if tc.image_every > 0 and (epoch % tc.image_every == 0 or epoch == tc.epochs):
-                xs = splits.x_val[:32]
-                writer.add_image("images/reconstructions",
-                                 _image_grid(torch.cat([xs, model.reconstruct(xs)]), 8), epoch)
-                writer.add_image("images/prior_samples", _image_grid(model.sample(64), 8), epoch)
+                # pictures draw from a forked RNG so they never change the training stream
+                with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                    xs = splits.x_val[:32]
+                    recon = torch.cat([xs, model.reconstruct(xs)])
+                    writer.add_image("images/reconstructions", _image_grid(recon, 8), epoch)
+                    writer.add_image("images/prior_samples", _image_grid(model.sample(64), 8),
+                                     epoch)
             update_metrics(run_dir, epochs_trained=epoch, best_epoch=best_epoch,
                            best_val_elbo=best_val, val_elbo=val["elbo"],
                            train_seconds=train_seconds)

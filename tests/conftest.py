@@ -1,0 +1,40 @@
+"""Shared fixtures. MNIST comes from ../shared/data (never downloaded in tests)."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("PRIORVAE_TEST_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture
+def mnist_root() -> Path:
+    raw = SHARED_DATA / "MNIST" / "raw"
+    if not (raw / "train-images-idx3-ubyte").is_file():
+        pytest.skip(f"official MNIST files not found in {raw} (tests never download)")
+    return SHARED_DATA
+
+
+def tiny_toml(path: Path, **tables) -> Path:
+    """Write a small digits config; keyword tables override/extend the defaults below."""
+    from priorvae.config import dump_toml
+
+    base = {
+        "data": {"name": "digits"},
+        "model": {"hidden": [32, 32], "latent_dim": 2},
+        "prior": {"name": "standard_normal"},
+        "train": {"epochs": 3, "batch_size": 100, "lr": 1e-3, "image_every": 2},
+        "eval": {"iw_samples": 20},
+    }
+    for table, body in tables.items():
+        base.setdefault(table, {}).update(body)
+    path.write_text(dump_toml(base))
+    return path
