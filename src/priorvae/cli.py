@@ -14,16 +14,17 @@ __all__ = ["main", "default_run_dir"]
 
 def default_run_dir(config_path: str | None, cfg) -> Path:
     stem = Path(config_path).stem if config_path else "run"
-    prior = cfg.prior.name.replace("/", "_").replace(":", "_").replace(".py", "")
-    prior = prior.rsplit("_", 1)[-1] if ":" in cfg.prior.name else prior
+    prior = cfg.prior.name.rpartition(":")[2]  # a custom spec path/file.py:Class -> Class
     return Path("runs") / f"{stem}-{prior}-seed{cfg.train.seed}"
 
 
 def _cmd_train(args) -> int:
     from .config import load_config
+    from .registry import normalize_prior_name
     from .train import train
 
     cfg = load_config(args.config, args.set)
+    cfg.prior.name = normalize_prior_name(cfg.prior.name)
     run_dir = Path(args.out) if args.out else default_run_dir(args.config, cfg)
     print(f"run folder: {run_dir}   (TensorBoard: tensorboard --logdir {run_dir.parent})")
     metrics = train(cfg, run_dir, progress=not args.quiet)

@@ -48,6 +48,7 @@ __all__ = [
     "list_priors",
     "get_prior_class",
     "prior_arguments",
+    "normalize_prior_name",
     "CONTEXT_FIELDS",
     "ENTRY_POINT_GROUP",
 ]
@@ -212,7 +213,19 @@ def _import_from_spec(spec: str) -> type:
         try:
             module = importlib.import_module(target)
         except ImportError as exc:
-            raise PriorError(f"could not import module {target!r} (from {spec!r}): {exc}") from exc
+            # console scripts do not put the working folder on sys.path; `python -m` does
+            cwd = str(Path.cwd())
+            if cwd in sys.path:
+                raise PriorError(
+                    f"could not import module {target!r} (from {spec!r}): {exc}") from exc
+            sys.path.insert(0, cwd)
+            try:
+                module = importlib.import_module(target)
+            except ImportError:
+                raise PriorError(
+                    f"could not import module {target!r} (from {spec!r}): {exc}") from exc
+            finally:
+                sys.path.remove(cwd)
     cls = getattr(module, attr, None)
     if cls is None:
         names = [n for n, v in vars(module).items() if isinstance(v, type)]
@@ -220,6 +233,15 @@ def _import_from_spec(spec: str) -> type:
     if not isinstance(cls, type):
         raise PriorError(f"{spec!r} is not a class")
     return cls
+
+
+def normalize_prior_name(name: str) -> str:
+    """A ``relative/file.py:Class`` spec made absolute (against the working folder), so that a
+    run folder's config still finds the file from elsewhere; other names unchanged."""
+    target, sep, attr = name.rpartition(":")
+    if sep and (target.endswith(".py") or "/" in target or "\\" in target):
+        return f"{Path(target).expanduser().resolve()}:{attr}"
+    return name
 
 
 def get_prior_class(name: str) -> type:

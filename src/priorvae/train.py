@@ -33,7 +33,7 @@ from .runs import (
 )
 from .vae import VAE, build_vae
 
-__all__ = ["train", "beta_at", "mean_elbo", "check_run_dir"]
+__all__ = ["train", "train_step", "beta_at", "mean_elbo", "check_run_dir"]
 
 FINISHED = ("finished", "early_stopped")
 
@@ -41,6 +41,19 @@ FINISHED = ("finished", "early_stopped")
 def beta_at(epoch: int, warmup_epochs: int) -> float:
     """KL weight at ``epoch`` (1-based): rises linearly to 1 over ``warmup_epochs``."""
     return 1.0 if warmup_epochs <= 0 else min(1.0, epoch / warmup_epochs)
+
+
+def train_step(model, opt: torch.optim.Optimizer, x: torch.Tensor, beta: float):
+    """One optimisation step on the batch ``x``; returns the (detached) loss and mean terms.
+
+    A non-finite loss is returned without updating the parameters, for the caller to handle.
+    """
+    loss, terms = model.loss(x, beta)
+    if torch.isfinite(loss):
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    return loss.detach(), terms
 
 
 @torch.no_grad()
@@ -145,16 +158,13 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
                          total=math.ceil(len(splits.x_train) / tc.batch_size),
                          desc=f"epoch {epoch}", disable=not progress, dynamic_ncols=True)
             for step, x in enumerate(steps, start=1):
-                loss, terms = model.loss(x, beta)
+                loss, terms = train_step(model, opt, x, beta)
                 if not torch.isfinite(loss):
                     last = (f"the last good checkpoint ({run_dir / LAST_CKPT}, epoch "
                             f"{epoch - 1}) is intact" if epoch > 1 else "no checkpoint yet")
                     raise TrainingError(
                         f"non-finite loss ({loss.item()}) at epoch {epoch}, step {step}; "
                         f"training stopped, {last}. Try a lower [train] lr.")
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
                 n = len(x)
                 seen += n
                 sums["loss"] += loss.item() * n
