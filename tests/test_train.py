@@ -27,8 +27,17 @@ def test_a_few_epochs_lower_the_validation_loss(tmp_path):
     assert metrics["status"] == "finished" and len(hist) == 12
     assert hist[-1]["val_elbo"] > hist[0]["val_elbo"] + 5  # nats
     assert metrics["best_val_elbo"] == max(h["val_elbo"] for h in hist)
-    events = [p for p in (tmp_path / "run").iterdir() if p.name.startswith("events.out")]
-    assert events, "TensorBoard events missing"
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "run"), size_guidance={"images": 0})
+    events.Reload()
+    tags = events.Tags()
+    for tag in ("train/loss", "val/loss", "val/elbo", "train/kl", "train/beta", "train/lr"):
+        assert tag in tags["scalars"], tag
+        assert len(events.Scalars(tag)) == 12
+    assert {"images/reconstructions", "images/prior_samples"} <= set(tags["images"])
+    assert events.Images("images/prior_samples")[0].width >= 256  # 8x8 digits enlarged
+    assert any("config" in t for t in tags["tensors"])
 
 
 def test_early_stopping_waits_for_warmup(tmp_path, monkeypatch):

@@ -95,10 +95,15 @@ def check_run_dir(run_dir: Path, cfg: Config) -> str:
     return "resume" if (run_dir / LAST_CKPT).is_file() else "new"
 
 
-def _image_grid(images: torch.Tensor, nrow: int) -> torch.Tensor:
+def _image_grid(images: torch.Tensor, nrow: int, min_width: int = 256) -> torch.Tensor:
+    """(N, C, H, W) in [0, 1] -> one (C', H', W') grid, small images enlarged (nearest)."""
     from torchvision.utils import make_grid
 
-    return make_grid(images.float().clamp(0, 1).cpu(), nrow=nrow, pad_value=1.0)
+    images = images.float().clamp(0, 1).cpu()
+    scale = max(1, min_width // (nrow * images.shape[-1]))
+    if scale > 1:
+        images = torch.nn.functional.interpolate(images, scale_factor=scale, mode="nearest")
+    return make_grid(images, nrow=nrow, pad_value=1.0)
 
 
 def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
@@ -198,6 +203,7 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
 
             for k, v in train_stats.items():
                 writer.add_scalar(f"train/{k}", v, epoch)
+            writer.add_scalar("val/loss", -val["elbo"], epoch)  # beta = 1
             for k, v in val.items():
                 writer.add_scalar(f"val/{k}", v, epoch)
             writer.add_scalar("train/beta", beta, epoch)
