@@ -7,11 +7,11 @@ import textwrap
 
 import pytest
 import torch
-from conftest import REPO, tiny_toml
-from priorvae.priors import list_priors
 
+from conftest import REPO, tiny_toml
 from priorvae import load_run
 from priorvae.cli import main
+from priorvae.priors import list_priors
 
 
 def run_cli(*args, check=True):

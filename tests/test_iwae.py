@@ -9,10 +9,10 @@ import math
 
 import pytest
 import torch
-from priorvae.priors import build_prior
 from torch import nn
 
 from priorvae.nets import GaussianLikelihood
+from priorvae.priors import build_prior
 from priorvae.vae import VAE
 
 D, P, S = 2, 5, 0.5

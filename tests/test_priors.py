@@ -8,10 +8,10 @@ import math
 
 import pytest
 import torch
-from priorvae.priors import PriorContext, build_prior, list_priors
 from torch import nn
 
 from priorvae.config import load_config
+from priorvae.priors import PriorContext, build_prior, list_priors
 from priorvae.runs import load_checkpoint, save_checkpoint
 from priorvae.vae import build_vae
 

@@ -4,10 +4,10 @@ from importlib.metadata import EntryPoint
 
 import pytest
 import torch
-from priorvae.priors import Prior, PriorContext, build_prior, list_priors, register_prior
 
 import priorvae.registry as registry
 from priorvae.errors import PriorError
+from priorvae.priors import Prior, PriorContext, build_prior, list_priors, register_prior
 
 
 @pytest.fixture

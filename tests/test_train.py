@@ -6,8 +6,8 @@ import time
 
 import pytest
 import torch
-from conftest import tiny_toml
 
+from conftest import tiny_toml
 from priorvae.config import load_config
 from priorvae.errors import RunError, TrainingError
 from priorvae.runs import load_checkpoint, read_metrics

@@ -5,7 +5,11 @@ broadcast: with precisions P = exp(-logvar), the exponent expands into matrix pr
 
     sum_d (z_d - m_kd)^2 P_kd = (z*z) @ P^T - 2 z @ (m*P)^T + sum_d m_kd^2 P_kd,
 
-so memory is O(B K) and the work runs at matrix-multiply speed. Points are processed in chunks
+which one product of a (B, 2D+1) by a (2D+1, K) matrix delivers, so memory is O(B K) and the
+work runs at matrix-multiply speed. The price is cancellation: in float32 the error grows with
+|z|^2 / sigma^2, about 0.01 nats for 40-d components at the encoder's lower bound
+(logvar = -6) and under 1e-3 nats at typical variances (tests/test_gaussian.py); pass float64
+tensors where that matters. Points are processed in chunks
 so that the (chunk, K) block stays below ``max_elements``.
 """
 
@@ -39,11 +43,15 @@ def mixture_log_prob(
 ) -> torch.Tensor:
     """log sum_k w_k N(z; m_k, diag(exp(logvar_k))).
 
+    One matrix product per chunk gives every component's log-density:
+    ``[z*z, z, 1] @ [-P/2, m*P, c]^T`` with P = exp(-logvar) and
+    c_k = log w_k - 1/2 (D log 2 pi + sum_d logvar_kd + sum_d m_kd^2 P_kd).
+
     Args:
         z: points (B, D).
         means, logvars: components (K, D).
         log_weights: (K,) normalised log mixture weights; uniform (-log K) when None.
-        max_elements: largest (chunk, K) block held at once.
+        max_elements: largest (chunk, K) block of log-densities held at once.
 
     Returns:
         (B,) log densities.
@@ -52,13 +60,12 @@ def mixture_log_prob(
     prec = torch.exp(-logvars)  # (K, D)
     if log_weights is None:
         log_weights = torch.full((k,), -math.log(k), dtype=z.dtype, device=z.device)
-    # per-component constant: log w_k - 1/2 (D log 2pi + sum logvar + sum m^2 P)
     const = log_weights - 0.5 * (d * LOG_2PI + logvars.sum(-1) + (means**2 * prec).sum(-1))
-    mp = means * prec  # (K, D)
+    right = torch.cat([-0.5 * prec, means * prec, const[:, None]], dim=1)  # (K, 2D+1)
     rows = max(1, max_elements // max(k, 1))
     out = []
     for start in range(0, z.shape[0], rows):
         zc = z[start:start + rows]
-        quad = (zc * zc) @ prec.T - 2.0 * (zc @ mp.T)  # (b, K)
-        out.append(torch.logsumexp(const - 0.5 * quad, dim=-1))
+        left = torch.cat([zc * zc, zc, torch.ones_like(zc[:, :1])], dim=1)  # (b, 2D+1)
+        out.append(torch.logsumexp(left @ right.T, dim=-1))  # (b, K) -> (b,)
     return torch.cat(out) if len(out) > 1 else out[0]

@@ -1,0 +1,95 @@
+"""The aggregated posterior q(z) = 1/N sum_n q(z | x_n), a mixture of N diagonal Gaussians.
+
+    log q(z) = logsumexp_n log N(z; mu_n, diag(exp(logvar_n))) - log N
+
+``log_prob`` runs in memory-bounded chunks with the Gaussian exponent expanded into one
+matrix product per chunk (:func:`priorvae.gaussian.mixture_log_prob`), so 10,000 points
+against 50,000 components at D = 40 take seconds on a CPU. ``sample(n)`` picks n data indices
+uniformly, then samples their posteriors.
+
+References:
+    | ELBO surgery: yet another way to carve up the variational evidence lower bound
+    | (Hoffman & Johnson, 2016)
+    | https://approximateinference.org/2016/accepted/HoffmanJohnson2016.pdf
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .data import iterate_batches
+from .gaussian import mixture_log_prob
+
+__all__ = ["AggregatedPosterior", "encode_split"]
+
+
+class AggregatedPosterior(nn.Module):
+    """q(z) from the posterior parameters of N images.
+
+    Args:
+        mu, logvar: (N, D) posterior means and log-variances.
+        max_elements: largest (chunk, N) block of log-densities held at once (memory bound:
+            about ``3 * 4 * max_elements`` bytes in float32).
+    """
+
+    def __init__(self, mu: torch.Tensor, logvar: torch.Tensor, max_elements: int = 2**24):
+        super().__init__()
+        if mu.dim() != 2 or mu.shape != logvar.shape:
+            raise ValueError(f"mu and logvar must both be (N, D), got {tuple(mu.shape)} and "
+                             f"{tuple(logvar.shape)}")
+        self.register_buffer("mu", mu.detach())
+        self.register_buffer("logvar", logvar.detach())
+        self.max_elements = max_elements
+
+    @property
+    def latent_dim(self) -> int:
+        return self.mu.shape[1]
+
+    def __len__(self) -> int:
+        return self.mu.shape[0]
+
+    @torch.no_grad()
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        """log q(z): (B, D) -> (B,)."""
+        if z.dim() != 2 or z.shape[1] != self.latent_dim:
+            raise ValueError(f"expected z of shape (B, {self.latent_dim}), got {tuple(z.shape)}")
+        return mixture_log_prob(z.to(self.mu.dtype), self.mu, self.logvar,
+                                max_elements=self.max_elements)
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+        """n draws: uniform data index, then z ~ q(z | x_index): (n, D)."""
+        idx = torch.randint(len(self), (n,), device=self.mu.device, generator=generator)
+        eps = torch.randn(n, self.latent_dim, device=self.mu.device, dtype=self.mu.dtype,
+                          generator=generator)
+        return self.mu[idx] + torch.exp(0.5 * self.logvar[idx]) * eps
+
+    @classmethod
+    def from_encoder(cls, encoder: nn.Module, x: torch.Tensor, batch_size: int = 1000,
+                     **kwargs) -> AggregatedPosterior:
+        """Encode the images ``x`` (N, C, H, W) (binarized once, see :func:`encode_split`)."""
+        mu, logvar = encode_split(encoder, x, batch_size)
+        return cls(mu, logvar, **kwargs)
+
+
+@torch.no_grad()
+def encode_split(encoder: nn.Module, x: torch.Tensor, batch_size: int = 1000,
+                 binarize_seed: int | None = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior parameters (mu, logvar), each (N, D), of the images ``x``.
+
+    Grey-level images (the training split) are binarized once with ``binarize_seed`` so the
+    result is reproducible; binary images are used as they are.
+    """
+    if binarize_seed is not None and not bool(((x == 0) | (x == 1)).all()):
+        gen = torch.Generator(device=x.device).manual_seed(binarize_seed)
+        x = torch.bernoulli(x, generator=gen)
+    mus, logvars = [], []
+    was_training = encoder.training
+    encoder.eval()
+    for batch in iterate_batches(x, batch_size, shuffle=False, dynamic_binarization=False):
+        mu, logvar = encoder(batch)
+        mus.append(mu)
+        logvars.append(logvar)
+    encoder.train(was_training)
+    return torch.cat(mus), torch.cat(logvars)
