@@ -10,6 +10,16 @@ REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("PRIORVAE_TEST_DATA", REPO.parent / "shared" / "data"))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache(tmp_path_factory):
+    """Caches (the sample-quality classifier) go to a temporary folder, for subprocesses too."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+    mp.delenv("PRIORVAE_DATA", raising=False)
+    yield
+    mp.undo()
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -31,7 +41,8 @@ def tiny_toml(path: Path, **tables) -> Path:
         "data": {"name": "digits"},
         "model": {"hidden": [32, 32], "latent_dim": 2},
         "prior": {"name": "standard_normal"},
-        "train": {"epochs": 3, "batch_size": 100, "lr": 1e-3, "image_every": 2},
+        "train": {"epochs": 3, "batch_size": 100, "lr": 1e-3, "image_every": 2,
+                  "diagnostics_every": 10},
         "eval": {"iw_samples": 20},
     }
     for table, body in tables.items():

@@ -39,9 +39,22 @@ def test_train_evaluate_sample_load_run(tmp_path):
     assert metrics["test_nll"] < -metrics["test_elbo"]
     assert json.loads(out.stdout)["test_nll"] == metrics["test_nll"]
 
-    png = tmp_path / "samples.png"
-    run_cli("sample", str(run), "--n", "16", "--out", str(png))
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for key in ("kl", "mutual_info", "marginal_kl", "kl_prior_to_agg", "hole_rate", "mmd",
+                "active_units", "fd_prior", "fd_aggregate", "class_entropy_prior"):
+        assert key in metrics, key
+    assert metrics["kl"] == pytest.approx(metrics["mutual_info"] + metrics["marginal_kl"])
+    for name in ("samples", "latent_atlas", "log_q_histogram"):
+        assert (run / "figures" / f"{name}.png").is_file()
+
+    for source in (["--source", "prior"], ["--source", "aggregate"],
+                   ["--source", "posterior", "--index", "3"]):
+        png = tmp_path / f"samples-{source[1]}.png"
+        out = run_cli("sample", str(run), "--n", "16", "--out", str(png), *source)
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        assert source[1] in out.stdout or "posterior of test image 3" in out.stdout
+    bad = run_cli("sample", str(run), "--out", str(tmp_path / "x.png"), "--source", "posterior",
+                  check=False)
+    assert bad.returncode == 2 and "needs --index" in bad.stderr
 
     vae = load_run(run)
     assert not vae.training

@@ -38,9 +38,12 @@ def _cmd_evaluate(args) -> int:
     from .evaluate import evaluate_run
 
     metrics = evaluate_run(args.run_dir, iw_samples=args.iw_samples, device=args.device,
-                           progress=not args.quiet, limit=args.limit)
-    keys = ("test_elbo", "test_nll", "iw_samples", "test_images", "eval_seconds")
-    print(json.dumps({k: metrics[k] for k in keys}))
+                           progress=not args.quiet, limit=args.limit,
+                           diagnostics=not args.no_diagnostics)
+    keys = ("test_elbo", "test_nll", "iw_samples", "test_images", "eval_seconds", "kl",
+            "mutual_info", "marginal_kl", "kl_prior_to_agg", "hole_rate", "mmd",
+            "active_units", "fd_prior", "fd_aggregate")
+    print(json.dumps({k: metrics[k] for k in keys if k in metrics}))
     return 0
 
 
@@ -48,17 +51,40 @@ def _cmd_sample(args) -> int:
     import torch
     from torchvision.utils import save_image
 
-    from .runs import load_run
+    from .aggregate import AggregatedPosterior, encode_split
+    from .data import load_splits
+    from .evaluate import decode_samples
+    from .runs import load_run, read_run_config
 
     if args.n < 1:
         raise PriorVAEError(f"--n must be positive, got {args.n}")
     torch.manual_seed(args.seed)
     model = load_run(args.run_dir)
-    images = model.sample(args.n)
+    if args.source == "prior":
+        if args.index is not None:
+            raise PriorVAEError("--index goes with --source posterior")
+        z = model.prior.sample(args.n)
+        what = "prior samples"
+    else:
+        cfg = read_run_config(args.run_dir)
+        splits = load_splits(cfg.data.name, cfg.data.root, cfg.data.download)
+        if args.source == "posterior":
+            if args.index is None:
+                raise PriorVAEError("--source posterior needs --index I (a test image)")
+            if not 0 <= args.index < len(splits.x_test):
+                raise PriorVAEError(f"--index must be in [0, {len(splits.x_test)}), "
+                                    f"got {args.index}")
+            mu, logvar = model.encode(splits.x_test[args.index:args.index + 1])
+            z = mu + torch.exp(0.5 * logvar) * torch.randn(args.n, mu.shape[1])
+            what = f"samples of the posterior of test image {args.index}"
+        else:
+            z = AggregatedPosterior(*encode_split(model.encoder, splits.x_train)).sample(args.n)
+            what = "aggregated-posterior samples"
+    images = decode_samples(model, z)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     save_image(images, str(out), nrow=args.nrow or max(1, int(round(args.n**0.5))), pad_value=1.0)
-    print(f"wrote {args.n} prior samples to {out}")
+    print(f"wrote {args.n} {what} to {out}")
     return 0
 
 
@@ -87,15 +113,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--iw-samples", type=int, help="importance samples K (default: [eval])")
     e.add_argument("--device", help="cpu, cuda, ... (default: the run's [train] device)")
     e.add_argument("--limit", type=int, help="only the first N test images")
+    e.add_argument("--no-diagnostics", action="store_true",
+                   help="only test ELBO and NLL, no prior-vs-aggregate diagnostics or pictures")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
     e.set_defaults(func=_cmd_evaluate)
 
-    s = sub.add_parser("sample", help="an image grid of samples from a run's prior")
+    s = sub.add_parser("sample", help="an image grid of samples from a run's prior, its "
+                       "aggregated posterior, or one test image's posterior")
     s.add_argument("run_dir")
     s.add_argument("--n", type=int, default=64)
     s.add_argument("--out", required=True, help="PNG file")
     s.add_argument("--nrow", type=int, help="images per row")
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--source", choices=["prior", "aggregate", "posterior"], default="prior",
+                   help="prior p(z) (default); aggregate q(z) of the training split; "
+                        "posterior q(z|x_I) of test image --index I ('digits like this one')")
+    s.add_argument("--index", type=int, help="test image index, with --source posterior")
     s.set_defaults(func=_cmd_sample)
 
     r = sub.add_parser("priors", help="list the registered priors")

@@ -76,6 +76,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     val_batch_size: int = 1000
     image_every: int = 5  # epochs between image grids in TensorBoard
+    diagnostics_every: int = 10  # epochs between prior-vs-aggregate diagnostics (0: never)
 
 
 @dataclass

@@ -1,8 +1,12 @@
-"""Test-set evaluation of a run: mean ELBO and the IWAE estimate of -log p(x).
+"""Test-set evaluation of a run: ELBO, IWAE NLL, and every prior-vs-aggregate diagnostic.
 
 ``test_elbo`` is the mean single-sample ELBO per test image (nats, negative).
 ``test_nll`` is the mean over test images of -IWAE_K(x), the importance-weighted estimate of
 -log p(x) with K samples (positive nats; an upper bound on the true NLL in expectation).
+The diagnostics (:func:`diagnose`) compare the prior with the aggregated posterior of the
+training split: ``kl``, ``mutual_info``, ``marginal_kl``, ``kl_prior_to_agg``, ``hole_rate``,
+``mmd``, ``active_units``, ``fd_prior``, ``fd_aggregate``, ``class_entropy_prior``,
+``class_entropy_aggregate`` (see :mod:`priorvae.diagnostics` and :mod:`priorvae.quality`).
 """
 
 from __future__ import annotations
@@ -13,12 +17,19 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .data import iterate_batches, load_splits
-from .runs import load_run, read_run_config, resolve_device, update_metrics
+from .aggregate import AggregatedPosterior, encode_split
+from .data import Splits, data_root, iterate_batches, load_splits
+from .diagnostics import active_units, elbo_surgery, hole_rate, kl_prior_to_agg, mmd
+from .quality import class_entropy, features, frechet_distance, get_classifier
+from .runs import load_run, read_metrics, read_run_config, resolve_device, update_metrics
 from .train import mean_elbo
 from .vae import VAE
 
-__all__ = ["mean_iwae_nll", "evaluate_run"]
+__all__ = ["mean_iwae_nll", "decode_samples", "diagnose", "write_figures", "evaluate_run"]
+
+DIAGNOSTIC_KEYS = ("kl", "mutual_info", "marginal_kl", "kl_prior_to_agg", "hole_rate", "mmd",
+                   "active_units", "fd_prior", "fd_aggregate", "class_entropy_prior",
+                   "class_entropy_aggregate")
 
 
 @torch.no_grad()
@@ -34,13 +45,112 @@ def mean_iwae_nll(model: VAE, x: torch.Tensor, k: int, batch_size: int = 100,
     return total / len(x)
 
 
+@torch.no_grad()
+def decode_samples(model: VAE, z: torch.Tensor, binary: bool = False,
+                   batch_size: int = 1000) -> torch.Tensor:
+    """Images decoded from latent codes z (N, D): pixel probabilities, or one Bernoulli draw."""
+    out = []
+    for start in range(0, len(z), batch_size):
+        probs = model.likelihood.mean(model.decode(z[start:start + batch_size]))
+        out.append(torch.bernoulli(probs) if binary else probs)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def diagnose(model: VAE, splits: Splits, classifier=None, n: int = 10_000,
+             train_subset: int | None = None, heldout: torch.Tensor | None = None,
+             heldout_labels: torch.Tensor | None = None) -> tuple[dict, dict]:
+    """All prior-vs-aggregated-posterior diagnostics of a trained model.
+
+    q(z) is built from the training split (all of it, or its first ``train_subset`` images);
+    held-out images (default: the test split) give the hole threshold and the atlas.
+
+    Returns:
+        (metrics, extras): metrics are floats named as in metrics.json; extras hold what the
+        pictures need (log q histograms, posterior means, samples, the aggregate).
+    """
+    model.eval()
+    x_train = splits.x_train if train_subset is None else splits.x_train[:train_subset]
+    held = splits.x_test if heldout is None else heldout
+    labels = splits.y_test if heldout_labels is None else heldout_labels
+    mu_tr, lv_tr = encode_split(model.encoder, x_train)
+    mu_te, lv_te = encode_split(model.encoder, held)
+    agg = AggregatedPosterior(mu_tr, lv_tr)
+    metrics: dict = dict(elbo_surgery(mu_tr, lv_tr, model.prior, n_points=n))
+    metrics["kl_prior_to_agg"] = kl_prior_to_agg(model.prior, agg, n)
+    holes = hole_rate(model.prior, agg, mu_te, lv_te, n)
+    metrics["hole_rate"] = holes["hole_rate"]
+    m = min(n, 2000)
+    z_prior, z_agg = model.prior.sample(n), agg.sample(n)
+    metrics["mmd"] = mmd(z_prior[:m], z_agg[:m])
+    metrics["active_units"] = active_units(mu_te)
+    extras = {"agg": agg, "mu_heldout": mu_te, "labels": labels, "z_prior": z_prior,
+              "threshold": holes["threshold"], "log_q_prior": holes["log_q_prior"],
+              "log_q_posterior": holes["log_q_posterior"]}
+    k = min(n, len(held))
+    x_prior = decode_samples(model, z_prior[:k])
+    x_agg = decode_samples(model, z_agg[:k])
+    extras["x_prior"], extras["x_agg"] = x_prior[:64], x_agg[:64]
+    extras["x_orig"], extras["x_recon"] = held[:32], decode_samples(model, mu_te[:32])
+    if classifier is not None:
+        f_ref, _ = features(classifier, held[:k])
+        f_prior, p_prior = features(classifier, torch.bernoulli(x_prior))
+        f_agg, p_agg = features(classifier, torch.bernoulli(x_agg))
+        metrics["fd_prior"] = frechet_distance(f_prior, f_ref)
+        metrics["fd_aggregate"] = frechet_distance(f_agg, f_ref)
+        metrics["class_entropy_prior"] = class_entropy(p_prior)
+        metrics["class_entropy_aggregate"] = class_entropy(p_agg)
+    return metrics, extras
+
+
+def write_figures(extras: dict, prior, out_dir: Path, title: str = "", writer=None,
+                  step: int = 0) -> list[Path]:
+    """Save the three pictures as PNG in ``out_dir`` (and to TensorBoard when given)."""
+    import matplotlib.pyplot as plt
+
+    from .figures import latent_atlas, log_q_histogram, samples_figure
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figs = {
+        "samples": samples_figure(extras["x_prior"], extras["x_agg"], extras["x_orig"],
+                                  extras["x_recon"], title),
+        "latent_atlas": latent_atlas(extras["mu_heldout"][:5000], extras["labels"][:5000],
+                                     extras["z_prior"][:2000], prior, extras["agg"],
+                                     extras["threshold"], title),
+        "log_q_histogram": log_q_histogram(extras["log_q_prior"], extras["log_q_posterior"],
+                                           extras["threshold"], extras.get("hole_rate"), title),
+    }
+    paths = []
+    for name, fig in figs.items():
+        path = out_dir / f"{name}.png"
+        fig.savefig(path, dpi=110)
+        paths.append(path)
+        if writer is not None:
+            writer.add_figure(f"diagnostics/{name}", fig, step, close=False)
+        plt.close(fig)
+    return paths
+
+
+def _flat_hparams(cfg) -> dict:
+    out = {}
+    for table, body in cfg.to_dict().items():
+        if table in cfg.extra:
+            continue
+        for key, value in body.items():
+            out[f"{table}.{key}"] = str(value) if isinstance(value, list) else value
+    return out
+
+
 def evaluate_run(run_dir: str | Path, iw_samples: int | None = None, device: str | None = None,
-                 progress: bool = True, limit: int | None = None) -> dict:
-    """Evaluate the best model of a run on its test split; merge the results into metrics.json.
+                 progress: bool = True, limit: int | None = None, diagnostics: bool = True,
+                 n_diagnostic: int = 10_000) -> dict:
+    """Evaluate the best model of a run on its test split; merge the results into metrics.json,
+    save the pictures under ``RUN_DIR/figures`` and log them to the run's TensorBoard.
 
     Args:
         iw_samples: K for the IWAE estimate (default: the run's ``[eval] iw_samples``).
         limit: evaluate only the first ``limit`` test images (for quick looks; recorded).
+        diagnostics: also compute the prior-vs-aggregated-posterior diagnostics.
     """
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
@@ -53,7 +163,28 @@ def evaluate_run(run_dir: str | Path, iw_samples: int | None = None, device: str
     t0 = time.perf_counter()
     elbo = mean_elbo(model, x, cfg.train.val_batch_size)
     nll = mean_iwae_nll(model, x, k, cfg.eval.batch_size, progress=progress)
-    return update_metrics(
-        run_dir, test_elbo=elbo["elbo"], test_recon=elbo["recon"], test_kl=elbo["kl"],
-        test_nll=nll, iw_samples=k, test_images=len(x),
-        eval_seconds=time.perf_counter() - t0)
+    results = {"test_elbo": elbo["elbo"], "test_recon": elbo["recon"], "test_kl": elbo["kl"],
+               "test_nll": nll, "iw_samples": k, "test_images": len(x)}
+    if diagnostics:
+        clf = get_classifier(splits, data_root(cfg.data.root) / "priorvae-classifiers",
+                             progress=progress)
+        metrics, extras = diagnose(model, splits, clf, n=n_diagnostic)
+        results.update(metrics)
+        extras["hole_rate"] = metrics["hole_rate"]
+        from torch.utils.tensorboard import SummaryWriter
+
+        step = read_metrics(run_dir).get("epochs_trained", 0)
+        with SummaryWriter(log_dir=str(run_dir)) as writer:
+            title = f"{cfg.prior.name.rpartition(':')[2]} ({cfg.data.name})"
+            write_figures(extras, model.prior, run_dir / "figures", title, writer, step)
+            n_emb = min(2000, len(splits.x_test))
+            writer.add_embedding(extras["mu_heldout"][:n_emb].cpu(),
+                                 metadata=splits.y_test[:n_emb].cpu().tolist(),
+                                 label_img=splits.x_test[:n_emb].cpu(), global_step=step,
+                                 tag="test_posterior_means")
+            writer.add_hparams(_flat_hparams(cfg),
+                               {f"hparams/{key}": results[key] for key in
+                                ("test_nll", "test_elbo", *DIAGNOSTIC_KEYS) if key in results},
+                               run_name=".")
+    results["eval_seconds"] = time.perf_counter() - t0
+    return update_metrics(run_dir, **results)

@@ -141,5 +141,16 @@ def load_run(run_dir: str | os.PathLike, checkpoint: str = "best", device: str =
     ckpt = load_checkpoint(run_dir / name, map_location=device)
     model = build_vae(config_from_dict(ckpt["config"]) if "config" in ckpt else cfg,
                       input_shape(cfg.data.name))
+    missing, unexpected = _compare_keys(model.state_dict(), ckpt["model"])
+    if missing or unexpected:
+        raise RunError(
+            f"{run_dir / name} does not match the model built from its {CONFIG_FILE}: "
+            f"{len(missing)} missing key(s) (e.g. {', '.join(missing[:2]) or '-'}), "
+            f"{len(unexpected)} unexpected (e.g. {', '.join(unexpected[:2]) or '-'}). Was it "
+            f"written by another version of priorvae or of the prior's code?")
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval()
+
+
+def _compare_keys(expected: dict, found: dict) -> tuple[list[str], list[str]]:
+    return sorted(set(expected) - set(found)), sorted(set(found) - set(expected))

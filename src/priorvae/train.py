@@ -106,6 +106,18 @@ def _image_grid(images: torch.Tensor, nrow: int, min_width: int = 256) -> torch.
     return make_grid(images, nrow=nrow, pad_value=1.0)
 
 
+def _log_diagnostics(writer, model, splits, classifier, epoch, device) -> None:
+    """Prior-vs-aggregate diagnostics on a subset (q(z) from 5,000 training images, 2,000
+    validation images held out, 2,000 samples), as TensorBoard scalars; RNG forked."""
+    from .evaluate import diagnose
+
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        metrics, _ = diagnose(model, splits, classifier, n=2000, train_subset=5000,
+                              heldout=splits.x_val[:2000], heldout_labels=splits.y_val[:2000])
+    for key, value in metrics.items():
+        writer.add_scalar(f"diagnostics/{key}", value, epoch)
+
+
 def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
     """Train (or resume) the run in ``run_dir``; return its metrics.json contents."""
     run_dir = Path(run_dir)
@@ -148,6 +160,13 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
         writer.add_text("config", "```toml\n" + toml_text + "\n```", 0)
     update_metrics(run_dir, status="running", prior=cfg.prior.name, data=cfg.data.name,
                    device=str(device))
+    classifier = None
+    if tc.diagnostics_every > 0:
+        from .data import data_root
+        from .quality import get_classifier
+
+        classifier = get_classifier(splits, data_root(cfg.data.root) / "priorvae-classifiers",
+                                    progress=progress)
 
     status = "finished"
     epochs = tqdm(range(start_epoch, tc.epochs + 1), desc="epochs", initial=start_epoch - 1,
@@ -216,6 +235,9 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
                     writer.add_image("images/reconstructions", _image_grid(recon, 8), epoch)
                     writer.add_image("images/prior_samples", _image_grid(model.sample(64), 8),
                                      epoch)
+            if tc.diagnostics_every > 0 and (epoch % tc.diagnostics_every == 0
+                                             or epoch == tc.epochs):
+                _log_diagnostics(writer, model, splits, classifier, epoch, device)
             update_metrics(run_dir, epochs_trained=epoch, best_epoch=best_epoch,
                            best_val_elbo=best_val, val_elbo=val["elbo"],
                            train_seconds=train_seconds)

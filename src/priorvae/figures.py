@@ -1,0 +1,113 @@
+"""Pictures of prior samples against the aggregated posterior (matplotlib, saved as PNG).
+
+- :func:`samples_figure`: prior samples | aggregated-posterior samples | reconstructions.
+- :func:`latent_atlas`: posterior means coloured by label with prior samples overlaid; exact
+  for latent_dim 2 (with contours of log p(z) and log q(z) and the holes shaded: where
+  log q(z) falls below the hole threshold), the PCA plane of the posterior means otherwise.
+- :func:`log_q_histogram`: log q(z) for prior samples against posterior samples of held-out
+  images, with the hole threshold.
+"""
+
+from __future__ import annotations
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
+from torchvision.utils import make_grid  # noqa: E402
+
+__all__ = ["samples_figure", "latent_atlas", "log_q_histogram", "grid_image"]
+
+
+def grid_image(images: torch.Tensor, nrow: int = 8):
+    """(N, C, H, W) in [0, 1] -> (H', W') or (H', W', 3) array for imshow."""
+    grid = make_grid(images.float().clamp(0, 1).cpu(), nrow=nrow, pad_value=1.0)
+    return grid[0].numpy() if grid.shape[0] in (1, 3) and images.shape[1] == 1 else \
+        grid.permute(1, 2, 0).numpy()
+
+
+def samples_figure(prior_images, aggregate_images, originals, reconstructions, title=""):
+    """Three panels of 64 images each (N, C, H, W) in [0, 1]; originals interleave recons."""
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4.8))
+    pairs = torch.stack([originals[:32], reconstructions[:32]], 1).flatten(0, 1)
+    panels = [(prior_images[:64], "samples from the prior p(z)"),
+              (aggregate_images[:64], "samples from the aggregated posterior q(z)"),
+              (pairs, "test images | reconstructions")]
+    for ax, (imgs, name) in zip(axes, panels, strict=True):
+        ax.imshow(grid_image(imgs, 8), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(name, fontsize=10)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    return fig
+
+
+def _pca(mu: torch.Tensor):
+    center = mu.mean(0)
+    _, _, v = torch.linalg.svd(mu - center, full_matrices=False)
+    return center, v[:2].T  # (D,), (D, 2)
+
+
+@torch.no_grad()
+def latent_atlas(mu, labels, prior_z, prior=None, agg=None, threshold=None, title=""):
+    """Posterior means (N, D) coloured by ``labels`` (N,), prior samples (M, D) overlaid."""
+    d = mu.shape[1]
+    fig, ax = plt.subplots(figsize=(7, 6.2))
+    if d == 2:
+        pts, pz = mu.cpu(), prior_z.cpu()
+        lim = torch.quantile(torch.cat([pts, pz]).abs().flatten(), 0.995).item() * 1.1
+        if prior is not None and agg is not None:
+            axis = torch.linspace(-lim, lim, 160)
+            gz = torch.stack(torch.meshgrid(axis, axis, indexing="xy"), -1).reshape(-1, 2)
+            dev = agg.mu.device
+            log_p = prior.log_prob(gz.to(dev)).reshape(160, 160).cpu()
+            log_q = agg.log_prob(gz.to(dev)).reshape(160, 160).cpu()
+            if threshold is not None:
+                ax.contourf(axis, axis, (log_q < threshold).float(), levels=[0.5, 1.5],
+                            colors=["#f4c7c3"], alpha=0.6)
+            ax.contour(axis, axis, log_p, levels=8, colors="k", linewidths=0.6, alpha=0.6)
+            ax.contour(axis, axis, log_q, levels=8, cmap="Blues", linewidths=0.8)
+        xlabel, ylabel = "z1", "z2"
+        ax.set_xlim(-lim, lim)
+        ax.set_ylim(-lim, lim)
+    else:
+        center, proj = _pca(mu.double().cpu())
+        pts = ((mu.double().cpu() - center) @ proj).float()
+        pz = ((prior_z.double().cpu() - center) @ proj).float()
+        xlabel, ylabel = "PC 1 of the posterior means", "PC 2"
+    sc = ax.scatter(pts[:, 0], pts[:, 1], c=labels.cpu(), cmap="tab10", s=3, alpha=0.6)
+    ax.scatter(pz[:, 0], pz[:, 1], c="k", marker="x", s=8, linewidths=0.6, alpha=0.5,
+               label="prior samples")
+    ax.legend(loc="upper right", fontsize=8)
+    fig.colorbar(sc, ax=ax, label="label")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    shaded = " (shaded: holes, log q(z) below threshold)" if d == 2 and threshold else ""
+    ax.set_title((title + "\n" if title else "") + "posterior means by label, prior samples x"
+                 + shaded, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def log_q_histogram(log_q_prior, log_q_posterior, threshold, hole_rate=None, title=""):
+    """Histograms of log q(z) for prior samples and for held-out posterior samples."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    both = torch.cat([log_q_prior, log_q_posterior]).double()
+    lo = max(torch.quantile(both, 0.001).item(), threshold - 60)
+    hi = torch.quantile(both, 0.999).item()
+    bins = torch.linspace(lo, hi, 80).numpy()
+    ax.hist(log_q_posterior.clamp(min=lo).numpy(), bins=bins, density=True, alpha=0.6,
+            label="z ~ q(z|x), held-out x")
+    ax.hist(log_q_prior.clamp(min=lo).numpy(), bins=bins, density=True, alpha=0.6,
+            label="z ~ p(z)")
+    ax.axvline(threshold, color="r", linestyle="--", label="1st percentile (hole threshold)")
+    ax.set_xlabel("log q(z)  (values below the axis are clipped into its first bin)")
+    ax.set_ylabel("density")
+    rate = f", hole rate {hole_rate:.1%}" if hole_rate is not None else ""
+    ax.set_title((title + ": " if title else "") + "log q(z) of prior vs posterior samples"
+                 + rate, fontsize=10)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig

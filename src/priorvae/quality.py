@@ -1,0 +1,125 @@
+"""Sample quality: a small classifier trained by priorvae, and distances in its feature space.
+
+People judge samples by eye; these numbers stand in for that:
+
+- :func:`frechet_distance` between two sets of features (Heusel et al., 2017, with this
+  project's classifier instead of Inception):
+  FD = |m_a - m_b|^2 + Tr(S_a + S_b - 2 (S_a S_b)^{1/2}).
+- :func:`class_entropy`: entropy (nats) of the mean predicted class distribution; log 10 when
+  the samples spread evenly over the 10 classes, near 0 when they collapse onto one.
+
+:func:`get_classifier` trains a small MLP on the data set's (dynamically binarized) training
+split once and caches it under the data root (``ROOT/priorvae-classifiers/NAME.pt``).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from einops import rearrange
+from torch import nn
+
+from .data import Splits, iterate_batches
+
+__all__ = ["Classifier", "get_classifier", "frechet_distance", "class_entropy", "features"]
+
+FEATURES = 64
+
+
+class Classifier(nn.Module):
+    """MLP x (B, C, H, W) -> logits (B, classes); ``features`` is its last hidden layer."""
+
+    def __init__(self, input_shape, classes: int = 10, hidden: int = 256):
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Linear(math.prod(input_shape), hidden), nn.ReLU(),
+            nn.Linear(hidden, FEATURES), nn.ReLU(),
+        )
+        self.head = nn.Linear(FEATURES, classes)
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(rearrange(x, "b c h w -> b (c h w)"))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x))
+
+
+def _train_classifier(splits: Splits, epochs: int, seed: int = 0) -> tuple[Classifier, float]:
+    gen = torch.Generator(device=splits.x_train.device).manual_seed(seed)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Classifier(splits.input_shape).to(splits.x_train.device)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    n = len(splits.x_train)
+    for _ in range(epochs):
+        order = torch.randperm(n, device=splits.x_train.device, generator=gen)
+        for start in range(0, n, 128):
+            idx = order[start:start + 128]
+            x = torch.bernoulli(splits.x_train[idx], generator=gen)
+            loss = nn.functional.cross_entropy(model(x), splits.y_train[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    with torch.no_grad():
+        acc = (model(splits.x_test).argmax(1) == splits.y_test).float().mean().item()
+    return model, acc
+
+
+def get_classifier(splits: Splits, cache_dir: str | Path | None, epochs: int | None = None,
+                   progress: bool = False) -> Classifier:
+    """The data set's classifier, trained once and cached in ``cache_dir`` (None: no cache)."""
+    path = Path(cache_dir) / f"{splits.name}.pt" if cache_dir else None
+    device = splits.x_train.device
+    if path is not None and path.is_file():
+        state = torch.load(path, map_location=device, weights_only=True)
+        with torch.random.fork_rng(devices=[]):  # building draws weights: keep the caller's RNG
+            model = Classifier(splits.input_shape).to(device)
+        model.load_state_dict(state["model"])
+        return model.eval()
+    epochs = epochs or (40 if len(splits.x_train) < 5000 else 5)
+    if progress:
+        print(f"training the {splits.name} classifier for sample quality ({epochs} epochs)...")
+    model, acc = _train_classifier(splits, epochs)
+    if progress:
+        print(f"classifier test accuracy {acc:.4f}")
+    if path is not None:
+        from .runs import save_checkpoint
+
+        save_checkpoint(path, {"model": model.state_dict(), "test_accuracy": acc})
+    return model
+
+
+@torch.no_grad()
+def features(classifier: Classifier, x: torch.Tensor, batch_size: int = 1000):
+    """Feature vectors (N, F) and class probabilities (N, classes) of images x (N, C, H, W)."""
+    feats, probs = [], []
+    for batch in iterate_batches(x, batch_size, shuffle=False, dynamic_binarization=False):
+        f = classifier.features(batch)
+        feats.append(f)
+        probs.append(torch.softmax(classifier.head(f), -1))
+    return torch.cat(feats), torch.cat(probs)
+
+
+def _sqrtm_psd(m: torch.Tensor) -> torch.Tensor:
+    vals, vecs = torch.linalg.eigh(m)
+    return (vecs * vals.clamp_min(0).sqrt()) @ vecs.T
+
+
+def frechet_distance(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Fréchet distance between Gaussians fitted to feature sets a (N, F) and b (M, F)."""
+    a, b = a.double(), b.double()
+    mu_a, mu_b = a.mean(0), b.mean(0)
+    cov_a, cov_b = torch.cov(a.T), torch.cov(b.T)
+    root_a = _sqrtm_psd(cov_a)
+    cross = torch.linalg.eigvalsh(root_a @ cov_b @ root_a).clamp_min(0).sqrt().sum()
+    fd = (mu_a - mu_b).pow(2).sum() + torch.trace(cov_a) + torch.trace(cov_b) - 2 * cross
+    return max(fd.item(), 0.0)
+
+
+def class_entropy(probs: torch.Tensor) -> float:
+    """Entropy (nats) of the mean class distribution of predicted probabilities (N, classes)."""
+    p = probs.double().mean(0)
+    return -(p * torch.log(p.clamp_min(1e-12))).sum().item()
