@@ -88,6 +88,14 @@ def _cmd_sample(args) -> int:
     return 0
 
 
+def _cmd_compare(args) -> int:
+    from .compare import run_compare
+
+    out = run_compare(args.config, args.set, args.out, progress=not args.quiet)
+    print((out / "results.md").read_text())
+    return 0
+
+
 def _cmd_priors(args) -> int:
     from .registry import list_priors
 
@@ -130,6 +138,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "posterior q(z|x_I) of test image --index I ('digits like this one')")
     s.add_argument("--index", type=int, help="test image index, with --source posterior")
     s.set_defaults(func=_cmd_sample)
+
+    c = sub.add_parser("compare", help="train and evaluate the grid of a config's [compare] "
+                       "table (priors x seeds); results.csv, results.md, comparison.png")
+    c.add_argument("config")
+    c.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    c.add_argument("--out", help="experiment folder (default: runs/CONFIG-compare)")
+    c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.set_defaults(func=_cmd_compare)
 
     r = sub.add_parser("priors", help="list the registered priors")
     r.add_argument("pattern", nargs="?", default="*", help="glob, e.g. '*flow*'")

@@ -1,0 +1,203 @@
+"""Comparison experiments: a grid of runs (priors x seeds [x latent sizes]) from one config.
+
+The config's ``[compare]`` table (ignored by ``train``) declares the grid::
+
+    [compare]
+    priors = ["standard_normal", "mog", "vampprior", "flow"]
+    seeds = [0, 1]
+    latent_dims = [2, 8]          # optional
+    [compare.args.mog]            # optional: arguments for one prior of the grid
+    n_components = 20
+
+Every run shares the ``[data] [model] [train] [eval]`` tables and lives in its own folder under
+the experiment folder; finished and evaluated runs are skipped, so an interrupted comparison
+resumes where it stopped. At the end: ``results.csv`` (one row per run), ``results.md``
+(mean ± std over seeds) and ``comparison.png`` (sample grids per prior, key metrics as bars).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from .config import Config, PriorConfig, load_config
+from .errors import ConfigError
+from .runs import read_metrics
+
+__all__ = ["grid", "run_compare", "write_results", "RESULT_COLUMNS"]
+
+RESULT_COLUMNS = ["prior", "seed", "latent_dim", "test_elbo", "test_nll", "kl", "mutual_info",
+                  "marginal_kl", "kl_prior_to_agg", "hole_rate", "mmd", "active_units",
+                  "fd_prior", "fd_aggregate", "class_entropy_prior", "train_seconds",
+                  "epochs_trained", "iw_samples"]
+_COMPARE_KEYS = {"priors", "seeds", "latent_dims", "args"}
+
+
+def grid(cfg: Config) -> list[tuple[str, Config]]:
+    """(run name, config) for every cell of the ``[compare]`` grid."""
+    spec = cfg.extra.get("compare")
+    if not spec:
+        raise ConfigError("the config has no [compare] table; add e.g.\n[compare]\n"
+                          'priors = ["standard_normal", "mog"]\nseeds = [0, 1]')
+    unknown = set(spec) - _COMPARE_KEYS
+    if unknown:
+        raise ConfigError(f"unknown key(s) {sorted(unknown)} in [compare]; valid keys: "
+                          f"{', '.join(sorted(_COMPARE_KEYS))}")
+    priors = spec.get("priors", [cfg.prior.name])
+    seeds = spec.get("seeds", [cfg.train.seed])
+    dims = spec.get("latent_dims")
+    args = spec.get("args", {})
+    for key, value in (("priors", priors), ("seeds", seeds), ("latent_dims", dims or [1])):
+        if not isinstance(value, list) or not value:
+            raise ConfigError(f"[compare] {key} must be a non-empty list, got {value!r}")
+    runs = []
+    for prior in priors:
+        kwargs = dict(args.get(prior, cfg.prior.kwargs if prior == cfg.prior.name else {}))
+        for dim in dims or [cfg.model.latent_dim]:
+            for seed in seeds:
+                run_cfg = replace(cfg, prior=PriorConfig(prior, kwargs),
+                                  model=replace(cfg.model, latent_dim=dim),
+                                  train=replace(cfg.train, seed=seed), extra={})
+                label = prior.rpartition(":")[2]
+                name = f"{label}-d{dim}-seed{seed}" if dims else f"{label}-seed{seed}"
+                runs.append((name, run_cfg))
+    return runs
+
+
+def _row(name: str, cfg: Config, metrics: dict) -> dict[str, Any]:
+    row = {"prior": cfg.prior.name.rpartition(":")[2], "seed": cfg.train.seed,
+           "latent_dim": cfg.model.latent_dim, "run": name}
+    for col in RESULT_COLUMNS[3:]:
+        row[col] = metrics.get(col)
+    return row
+
+
+def _mean_std(values: list[float]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return f"{mean:.3g}"
+    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+    return f"{mean:.4g} ± {std:.2g}"
+
+
+def write_results(out: Path, rows: list[dict[str, Any]], title: str = "") -> None:
+    """results.csv (one row per run) and results.md (mean ± std over seeds per prior/dim)."""
+    with open(out / "results.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=[*RESULT_COLUMNS, "run"])
+        writer.writeheader()
+        writer.writerows(rows)
+    cols = ["test_nll", "test_elbo", "kl", "mutual_info", "marginal_kl", "kl_prior_to_agg",
+            "hole_rate", "mmd", "active_units", "fd_prior", "fd_aggregate", "train_seconds"]
+    groups: dict[tuple, list[dict]] = {}
+    for row in rows:
+        groups.setdefault((row["prior"], row["latent_dim"]), []).append(row)
+    lines = [f"# {title or 'Comparison'}", "",
+             "Mean ± standard deviation over seeds; nats except hole_rate (share), "
+             "active_units (count), fd_* (Fréchet distance in classifier features), "
+             "train_seconds.", "",
+             "| prior | D | seeds | " + " | ".join(cols) + " |",
+             "|---" * (len(cols) + 3) + "|"]
+    for (prior, dim), group in groups.items():
+        cells = [_mean_std([r[c] for r in group]) for c in cols]
+        lines.append(f"| {prior} | {dim} | {len(group)} | " + " | ".join(cells) + " |")
+    (out / "results.md").write_text("\n".join(lines) + "\n")
+
+
+def comparison_figure(out: Path, runs: list[tuple[str, Config]], rows: list[dict]) -> Path:
+    """Prior-sample grids per prior (first seed) above bars of the key metrics."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+
+    from .evaluate import decode_samples
+    from .figures import grid_image
+    from .runs import load_run
+
+    firsts: dict[str, tuple[str, Config]] = {}
+    for name, cfg in runs:
+        firsts.setdefault(f"{cfg.prior.name.rpartition(':')[2]} d{cfg.model.latent_dim}",
+                          (name, cfg))
+    labels = list(firsts)
+    metrics = [("test_nll", "test NLL (nats)"), ("marginal_kl", "KL(q(z) || p(z))"),
+               ("kl_prior_to_agg", "KL(p(z) || q(z))"), ("hole_rate", "hole rate"),
+               ("fd_prior", "FD prior samples"), ("fd_aggregate", "FD q(z) samples")]
+    ncol = max(len(labels), 3)
+    fig = plt.figure(figsize=(3.2 * ncol, 6.8))
+    grid_spec = fig.add_gridspec(2, 1, height_ratios=[1.1, 1])
+    top = grid_spec[0].subgridspec(1, ncol)
+    for i, label in enumerate(labels):
+        name, _ = firsts[label]
+        torch.manual_seed(0)
+        model = load_run(out / name)
+        images = decode_samples(model, model.prior.sample(36))
+        ax = fig.add_subplot(top[0, i])
+        ax.imshow(grid_image(images, 6), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(f"{label}: prior samples", fontsize=9)
+        ax.axis("off")
+    bottom = grid_spec[1].subgridspec(1, len(metrics))
+    for j, (key, title) in enumerate(metrics):
+        ax = fig.add_subplot(bottom[0, j])
+        means, errs = [], []
+        for label in labels:
+            vals = [r[key] for r in rows if f"{r['prior']} d{r['latent_dim']}" == label
+                    and r[key] is not None]
+            mean = sum(vals) / len(vals) if vals else float("nan")
+            std = (math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
+                   if len(vals) > 1 else 0.0)
+            means.append(mean)
+            errs.append(std)
+        ax.bar(range(len(labels)), means, yerr=errs, color=[f"C{i}" for i in range(len(labels))],
+               capsize=3)
+        ax.set_xticks(range(len(labels)), [lb.split(" d")[0] for lb in labels], rotation=45,
+                      ha="right", fontsize=8)
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = out / "comparison.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def run_compare(config_path: str | Path, overrides: list[str] | None = None,
+                out: str | Path | None = None, progress: bool = True) -> Path:
+    """Train and evaluate every run of the grid (skipping finished ones); write the results."""
+    from .evaluate import evaluate_run
+    from .registry import normalize_prior_name
+    from .train import train
+
+    cfg = load_config(config_path, overrides)
+    cfg.prior.name = normalize_prior_name(cfg.prior.name)
+    out = Path(out) if out else Path("runs") / f"{Path(config_path).stem}-compare"
+    runs = grid(cfg)
+    out.mkdir(parents=True, exist_ok=True)
+    header = "".join(f"# --set {o}\n" for o in overrides or [])
+    (out / "compare.toml").write_text(header + Path(config_path).read_text())
+    rows = []
+    for i, (name, run_cfg) in enumerate(runs, start=1):
+        run_dir = out / name
+        metrics = read_metrics(run_dir)
+        done = metrics.get("status") in ("finished", "early_stopped") and "fd_prior" in metrics
+        print(f"[{i}/{len(runs)}] {name}: " + ("done, skipped" if done else "training"),
+              flush=True)
+        if not done:
+            t0 = time.perf_counter()
+            train(run_cfg, run_dir, progress=progress)
+            metrics = evaluate_run(run_dir, progress=progress)
+            print(f"[{i}/{len(runs)}] {name}: test NLL {metrics['test_nll']:.2f}, hole rate "
+                  f"{metrics['hole_rate']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+        rows.append(_row(name, run_cfg, metrics))
+    write_results(out, rows, title=f"{Path(config_path).name}: {cfg.data.name}")
+    comparison_figure(out, runs, rows)
+    (out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+    print(f"wrote {out / 'results.csv'}, {out / 'results.md'}, {out / 'comparison.png'}")
+    return out
