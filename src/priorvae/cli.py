@@ -39,7 +39,7 @@ def _cmd_evaluate(args) -> int:
 
     metrics = evaluate_run(args.run_dir, iw_samples=args.iw_samples, device=args.device,
                            progress=not args.quiet, limit=args.limit,
-                           diagnostics=not args.no_diagnostics)
+                           diagnostics=not args.no_diagnostics, prior_source=args.prior_source)
     keys = ("test_elbo", "test_nll", "iw_samples", "test_images", "eval_seconds", "kl",
             "mutual_info", "marginal_kl", "kl_prior_to_agg", "hole_rate", "mmd",
             "active_units", "fd_prior", "fd_aggregate")
@@ -63,8 +63,12 @@ def _cmd_sample(args) -> int:
     if args.source == "prior":
         if args.index is not None:
             raise PriorVAEError("--index goes with --source posterior")
-        z = model.prior.sample(args.n)
-        what = "prior samples"
+        from .expost import load_prior_source
+
+        prior = load_prior_source(args.run_dir, model, args.prior_source)
+        z = prior.sample(args.n)
+        what = "prior samples" + (f" ({args.prior_source})" if args.prior_source != "trained"
+                                  else "")
     else:
         cfg = read_run_config(args.run_dir)
         splits = load_splits(cfg.data.name, cfg.data.root, cfg.data.download)
@@ -96,6 +100,24 @@ def _cmd_compare(args) -> int:
     return 0
 
 
+def _cmd_fit_prior(args) -> int:
+    from .config import parse_override
+    from .expost import fit_prior
+
+    kwargs = {}
+    for text in args.set:
+        table, key, value = parse_override(text)
+        if table != "prior":
+            raise PriorVAEError(f"fit-prior takes --set prior.KEY=VALUE, got {text!r}")
+        kwargs[key] = value
+    result = fit_prior(args.run_dir, args.prior, kwargs, label=args.label, method=args.method,
+                       epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                       patience=args.patience, device=args.device, progress=not args.quiet)
+    print(json.dumps(result))
+    print(f"evaluate it with: priorvae evaluate {args.run_dir} --prior-source {result['label']}")
+    return 0
+
+
 def _cmd_priors(args) -> int:
     from .registry import list_priors
 
@@ -121,6 +143,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--iw-samples", type=int, help="importance samples K (default: [eval])")
     e.add_argument("--device", help="cpu, cuda, ... (default: the run's [train] device)")
     e.add_argument("--limit", type=int, help="only the first N test images")
+    e.add_argument("--prior-source", default="trained", metavar="trained|aggregate|LABEL",
+                   help="the prior to evaluate the VAE with: its own (trained), the aggregated "
+                        "posterior, or an ex-post prior fitted with fit-prior")
     e.add_argument("--no-diagnostics", action="store_true",
                    help="only test ELBO and NLL, no prior-vs-aggregate diagnostics or pictures")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -137,6 +162,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="prior p(z) (default); aggregate q(z) of the training split; "
                         "posterior q(z|x_I) of test image --index I ('digits like this one')")
     s.add_argument("--index", type=int, help="test image index, with --source posterior")
+    s.add_argument("--prior-source", default="trained", metavar="trained|aggregate|LABEL",
+                   help="with --source prior: the run's own prior, q(z), or an ex-post prior")
     s.set_defaults(func=_cmd_sample)
 
     c = sub.add_parser("compare", help="train and evaluate the grid of a config's [compare] "
@@ -146,6 +173,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", help="experiment folder (default: runs/CONFIG-compare)")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.set_defaults(func=_cmd_compare)
+
+    f = sub.add_parser("fit-prior", help="fit a registered prior to a trained run's aggregated "
+                       "posterior (ex-post) and save it in the run as a prior source")
+    f.add_argument("run_dir")
+    f.add_argument("--prior", required=True, help="registered name or file.py:Class")
+    f.add_argument("--set", action="append", default=[], metavar="prior.KEY=VALUE",
+                   help="an argument of the prior, e.g. prior.n_components=50")
+    f.add_argument("--as", dest="label", help="label of the fitted prior (default expost-NAME)")
+    f.add_argument("--method", default="auto", choices=["auto", "em", "gradient"],
+                   help="auto: EM for mog, gradient (Adam) otherwise")
+    f.add_argument("--epochs", type=int, default=100, help="epochs (EM: iterations)")
+    f.add_argument("--batch-size", type=int, default=1000)
+    f.add_argument("--lr", type=float, default=1e-3)
+    f.add_argument("--patience", type=int, default=10)
+    f.add_argument("--device")
+    f.add_argument("--quiet", action="store_true")
+    f.set_defaults(func=_cmd_fit_prior)
 
     r = sub.add_parser("priors", help="list the registered priors")
     r.add_argument("pattern", nargs="?", default="*", help="glob, e.g. '*flow*'")

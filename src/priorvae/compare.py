@@ -6,6 +6,7 @@ The config's ``[compare]`` table (ignored by ``train``) declares the grid::
     priors = ["standard_normal", "mog", "vampprior", "flow"]
     seeds = [0, 1]
     latent_dims = [2, 8]          # optional
+    expost = ["mog", "flow"]      # optional: ex-post priors fitted to each run (+ "aggregate")
     [compare.args.mog]            # optional: arguments for one prior of the grid
     n_components = 20
 
@@ -35,7 +36,7 @@ RESULT_COLUMNS = ["prior", "seed", "latent_dim", "test_elbo", "test_nll", "kl", 
                   "marginal_kl", "kl_prior_to_agg", "hole_rate", "mmd", "active_units",
                   "fd_prior", "fd_aggregate", "class_entropy_prior", "train_seconds",
                   "epochs_trained", "iw_samples"]
-_COMPARE_KEYS = {"priors", "seeds", "latent_dims", "args"}
+_COMPARE_KEYS = {"priors", "seeds", "latent_dims", "args", "expost"}
 
 
 def grid(cfg: Config) -> list[tuple[str, Config]]:
@@ -69,8 +70,9 @@ def grid(cfg: Config) -> list[tuple[str, Config]]:
     return runs
 
 
-def _row(name: str, cfg: Config, metrics: dict) -> dict[str, Any]:
-    row = {"prior": cfg.prior.name.rpartition(":")[2], "seed": cfg.train.seed,
+def _row(name: str, cfg: Config, metrics: dict, source: str = "trained") -> dict[str, Any]:
+    prior = cfg.prior.name.rpartition(":")[2]
+    row = {"prior": prior if source == "trained" else f"{prior}+{source}", "seed": cfg.train.seed,
            "latent_dim": cfg.model.latent_dim, "run": name}
     for col in RESULT_COLUMNS[3:]:
         row[col] = metrics.get(col)
@@ -172,6 +174,7 @@ def run_compare(config_path: str | Path, overrides: list[str] | None = None,
                 out: str | Path | None = None, progress: bool = True) -> Path:
     """Train and evaluate every run of the grid (skipping finished ones); write the results."""
     from .evaluate import evaluate_run
+    from .expost import fit_prior
     from .registry import normalize_prior_name
     from .train import train
 
@@ -179,6 +182,9 @@ def run_compare(config_path: str | Path, overrides: list[str] | None = None,
     cfg.prior.name = normalize_prior_name(cfg.prior.name)
     out = Path(out) if out else Path("runs") / f"{Path(config_path).stem}-compare"
     runs = grid(cfg)
+    expost_names = cfg.extra["compare"].get("expost", [])
+    if not isinstance(expost_names, list):
+        raise ConfigError(f"[compare] expost must be a list, got {expost_names!r}")
     out.mkdir(parents=True, exist_ok=True)
     header = "".join(f"# --set {o}\n" for o in overrides or [])
     (out / "compare.toml").write_text(header + Path(config_path).read_text())
@@ -196,6 +202,18 @@ def run_compare(config_path: str | Path, overrides: list[str] | None = None,
             print(f"[{i}/{len(runs)}] {name}: test NLL {metrics['test_nll']:.2f}, hole rate "
                   f"{metrics['hole_rate']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
         rows.append(_row(name, run_cfg, metrics))
+        for expost in expost_names:
+            label = "aggregate" if expost == "aggregate" else f"expost-{expost}"
+            saved = read_metrics(run_dir).get("prior_sources", {}).get(label, {})
+            if "fd_prior" not in saved:
+                if label != "aggregate":
+                    fit_prior(run_dir, expost, progress=progress)
+                saved = evaluate_run(run_dir, progress=progress, prior_source=label)
+                print(f"[{i}/{len(runs)}] {name} with {label}: test NLL {saved['test_nll']:.2f}, "
+                      f"hole rate {saved['hole_rate']:.3f}", flush=True)
+            row = _row(name, run_cfg, {**saved, "train_seconds": metrics.get("train_seconds"),
+                                       "epochs_trained": metrics.get("epochs_trained")}, label)
+            rows.append(row)
     write_results(out, rows, title=f"{Path(config_path).name}: {cfg.data.name}")
     comparison_figure(out, runs, rows)
     (out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")

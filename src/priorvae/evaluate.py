@@ -18,9 +18,15 @@ import torch
 from tqdm.auto import tqdm
 
 from .aggregate import AggregatedPosterior, encode_split
-from .data import Splits, data_root, iterate_batches, load_splits
+from .data import Splits, iterate_batches, load_splits
 from .diagnostics import active_units, elbo_surgery, hole_rate, kl_prior_to_agg, mmd
-from .quality import class_entropy, features, frechet_distance, get_classifier
+from .quality import (
+    class_entropy,
+    classifier_cache_dir,
+    features,
+    frechet_distance,
+    get_classifier,
+)
 from .runs import load_run, read_metrics, read_run_config, resolve_device, update_metrics
 from .train import mean_elbo
 from .vae import VAE
@@ -143,7 +149,7 @@ def _flat_hparams(cfg) -> dict:
 
 def evaluate_run(run_dir: str | Path, iw_samples: int | None = None, device: str | None = None,
                  progress: bool = True, limit: int | None = None, diagnostics: bool = True,
-                 n_diagnostic: int = 10_000) -> dict:
+                 n_diagnostic: int = 10_000, prior_source: str = "trained") -> dict:
     """Evaluate the best model of a run on its test split; merge the results into metrics.json,
     save the pictures under ``RUN_DIR/figures`` and log them to the run's TensorBoard.
 
@@ -151,6 +157,10 @@ def evaluate_run(run_dir: str | Path, iw_samples: int | None = None, device: str
         iw_samples: K for the IWAE estimate (default: the run's ``[eval] iw_samples``).
         limit: evaluate only the first ``limit`` test images (for quick looks; recorded).
         diagnostics: also compute the prior-vs-aggregated-posterior diagnostics.
+        prior_source: ``trained`` (the run's own prior), ``aggregate`` (q(z) itself) or the
+            label of an ex-post prior (``priorvae fit-prior``). The VAE with that prior is still
+            a valid bound; results of other sources go under ``prior_sources.SOURCE`` in
+            metrics.json, their pictures under ``figures/SOURCE``.
     """
     run_dir = Path(run_dir)
     cfg = read_run_config(run_dir)
@@ -158,6 +168,10 @@ def evaluate_run(run_dir: str | Path, iw_samples: int | None = None, device: str
     k = iw_samples or cfg.eval.iw_samples
     model = load_run(run_dir, device=str(dev))
     splits = load_splits(cfg.data.name, cfg.data.root, cfg.data.download, device=dev)
+    if prior_source != "trained":
+        from .expost import load_prior_source
+
+        model.prior = load_prior_source(run_dir, model, prior_source, splits)
     x = splits.x_test if limit is None else splits.x_test[:limit]
     torch.manual_seed(cfg.train.seed)
     t0 = time.perf_counter()
@@ -166,25 +180,35 @@ def evaluate_run(run_dir: str | Path, iw_samples: int | None = None, device: str
     results = {"test_elbo": elbo["elbo"], "test_recon": elbo["recon"], "test_kl": elbo["kl"],
                "test_nll": nll, "iw_samples": k, "test_images": len(x)}
     if diagnostics:
-        clf = get_classifier(splits, data_root(cfg.data.root) / "priorvae-classifiers",
-                             progress=progress)
+        clf = get_classifier(splits, classifier_cache_dir(), progress=progress)
         metrics, extras = diagnose(model, splits, clf, n=n_diagnostic)
         results.update(metrics)
         extras["hole_rate"] = metrics["hole_rate"]
         from torch.utils.tensorboard import SummaryWriter
 
         step = read_metrics(run_dir).get("epochs_trained", 0)
+        trained = prior_source == "trained"
         with SummaryWriter(log_dir=str(run_dir)) as writer:
             title = f"{cfg.prior.name.rpartition(':')[2]} ({cfg.data.name})"
-            write_figures(extras, model.prior, run_dir / "figures", title, writer, step)
-            n_emb = min(2000, len(splits.x_test))
-            writer.add_embedding(extras["mu_heldout"][:n_emb].cpu(),
-                                 metadata=splits.y_test[:n_emb].cpu().tolist(),
-                                 label_img=splits.x_test[:n_emb].cpu(), global_step=step,
-                                 tag="test_posterior_means")
-            writer.add_hparams(_flat_hparams(cfg),
-                               {f"hparams/{key}": results[key] for key in
-                                ("test_nll", "test_elbo", *DIAGNOSTIC_KEYS) if key in results},
-                               run_name=".")
+            if not trained:
+                title = f"{title}, prior: {prior_source}"
+            folder = run_dir / "figures" / ("" if trained else prior_source)
+            write_figures(extras, model.prior, folder, title, writer if trained else None, step)
+        if trained:
+            with SummaryWriter(log_dir=str(run_dir)) as writer:
+                n_emb = min(2000, len(splits.x_test))
+                writer.add_embedding(extras["mu_heldout"][:n_emb].cpu(),
+                                     metadata=splits.y_test[:n_emb].cpu().tolist(),
+                                     label_img=splits.x_test[:n_emb].cpu(), global_step=step,
+                                     tag="test_posterior_means")
+                writer.add_hparams(_flat_hparams(cfg),
+                                   {f"hparams/{key}": results[key] for key in
+                                    ("test_nll", "test_elbo", *DIAGNOSTIC_KEYS) if key in results},
+                                   run_name=".")
     results["eval_seconds"] = time.perf_counter() - t0
-    return update_metrics(run_dir, **results)
+    if prior_source == "trained":
+        return update_metrics(run_dir, **results)
+    sources = read_metrics(run_dir).get("prior_sources", {})
+    sources[prior_source] = results
+    update_metrics(run_dir, prior_sources=sources)
+    return results

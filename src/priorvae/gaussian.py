@@ -19,7 +19,13 @@ import math
 
 import torch
 
-__all__ = ["LOG_2PI", "log_normal_diag", "log_standard_normal", "mixture_log_prob"]
+__all__ = [
+    "LOG_2PI",
+    "log_normal_diag",
+    "log_standard_normal",
+    "component_log_probs",
+    "mixture_log_prob",
+]
 
 LOG_2PI = math.log(2 * math.pi)
 
@@ -32,6 +38,26 @@ def log_normal_diag(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> 
 def log_standard_normal(z: torch.Tensor) -> torch.Tensor:
     """log N(z; 0, I) summed over the last dimension: (..., D) -> (...)."""
     return -0.5 * (LOG_2PI + z**2).sum(-1)
+
+
+def _expanded(means: torch.Tensor, logvars: torch.Tensor, log_weights: torch.Tensor):
+    """The (K, 2D+1) right-hand matrix [-P/2, m*P, c] of the expanded exponent."""
+    d = means.shape[1]
+    prec = torch.exp(-logvars)
+    const = log_weights - 0.5 * (d * LOG_2PI + logvars.sum(-1) + (means**2 * prec).sum(-1))
+    return torch.cat([-0.5 * prec, means * prec, const[:, None]], dim=1)
+
+
+def _left(z: torch.Tensor) -> torch.Tensor:
+    return torch.cat([z * z, z, torch.ones_like(z[:, :1])], dim=1)  # (b, 2D+1)
+
+
+def component_log_probs(z: torch.Tensor, means: torch.Tensor, logvars: torch.Tensor,
+                        log_weights: torch.Tensor | None = None) -> torch.Tensor:
+    """log w_k + log N(z; m_k, diag(exp(logvar_k))) for every point and component: (B, K)."""
+    if log_weights is None:
+        log_weights = torch.zeros(means.shape[0], dtype=z.dtype, device=z.device)
+    return _left(z) @ _expanded(means, logvars, log_weights).T
 
 
 def mixture_log_prob(
@@ -56,16 +82,12 @@ def mixture_log_prob(
     Returns:
         (B,) log densities.
     """
-    k, d = means.shape
-    prec = torch.exp(-logvars)  # (K, D)
+    k = means.shape[0]
     if log_weights is None:
         log_weights = torch.full((k,), -math.log(k), dtype=z.dtype, device=z.device)
-    const = log_weights - 0.5 * (d * LOG_2PI + logvars.sum(-1) + (means**2 * prec).sum(-1))
-    right = torch.cat([-0.5 * prec, means * prec, const[:, None]], dim=1)  # (K, 2D+1)
+    right = _expanded(means, logvars, log_weights)  # (K, 2D+1)
     rows = max(1, max_elements // max(k, 1))
     out = []
     for start in range(0, z.shape[0], rows):
-        zc = z[start:start + rows]
-        left = torch.cat([zc * zc, zc, torch.ones_like(zc[:, :1])], dim=1)  # (b, 2D+1)
-        out.append(torch.logsumexp(left @ right.T, dim=-1))  # (b, K) -> (b,)
+        out.append(torch.logsumexp(_left(z[start:start + rows]) @ right.T, dim=-1))
     return torch.cat(out) if len(out) > 1 else out[0]

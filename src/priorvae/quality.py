@@ -9,12 +9,13 @@ People judge samples by eye; these numbers stand in for that:
   the samples spread evenly over the 10 classes, near 0 when they collapse onto one.
 
 :func:`get_classifier` trains a small MLP on the data set's (dynamically binarized) training
-split once and caches it under the data root (``ROOT/priorvae-classifiers/NAME.pt``).
+split once and caches it in the user cache (``~/.cache/priorvae/classifiers/NAME.pt``).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
 
 import torch
@@ -23,7 +24,8 @@ from torch import nn
 
 from .data import Splits, iterate_batches
 
-__all__ = ["Classifier", "get_classifier", "frechet_distance", "class_entropy", "features"]
+__all__ = ["Classifier", "get_classifier", "classifier_cache_dir", "frechet_distance",
+           "class_entropy", "features"]
 
 FEATURES = 64
 
@@ -66,6 +68,12 @@ def _train_classifier(splits: Splits, epochs: int, seed: int = 0) -> tuple[Class
     with torch.no_grad():
         acc = (model(splits.x_test).argmax(1) == splits.y_test).float().mean().item()
     return model, acc
+
+
+def classifier_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/priorvae/classifiers`` (or ``~/.cache/...``): never the data folder."""
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "priorvae" / "classifiers"
 
 
 def get_classifier(splits: Splits, cache_dir: str | Path | None, epochs: int | None = None,

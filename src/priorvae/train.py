@@ -162,11 +162,9 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
                    device=str(device))
     classifier = None
     if tc.diagnostics_every > 0:
-        from .data import data_root
-        from .quality import get_classifier
+        from .quality import classifier_cache_dir, get_classifier
 
-        classifier = get_classifier(splits, data_root(cfg.data.root) / "priorvae-classifiers",
-                                    progress=progress)
+        classifier = get_classifier(splits, classifier_cache_dir(), progress=progress)
 
     status = "finished"
     epochs = tqdm(range(start_epoch, tc.epochs + 1), desc="epochs", initial=start_epoch - 1,

@@ -1,0 +1,258 @@
+"""Ex-post priors: fit a density to the aggregated posterior of a trained VAE.
+
+The second remedy for prior holes (Dai & Wipf 2019; Ghosh et al. 2020): leave the trained
+encoder and decoder alone and fit p(z) to codes z ~ q(z|x) of the training images afterwards,
+by maximum likelihood. Any learnable prior of the registry serves (``mog``, ``flow``, a custom
+one); ``mog`` can also use EM. Every epoch draws fresh codes z = mu + sigma * eps from the
+(frozen) posteriors; codes of the validation images (one fixed draw) give early stopping.
+
+The fitted prior is saved as ``RUN_DIR/priors/LABEL.pt`` (default label ``expost-NAME``) and
+becomes a *prior source* of the run, next to ``trained`` (the prior learned with the VAE) and
+``aggregate`` (the aggregated posterior itself, which needs no fitting). The VAE's weights are
+never changed.
+
+References:
+    | Diagnosing and Enhancing VAE Models (Dai & Wipf, 2019) https://arxiv.org/abs/1903.05789
+    | From Variational to Deterministic Autoencoders (Ghosh et al., 2020)
+    | https://arxiv.org/abs/1903.12436
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .aggregate import AggregatedPosterior, encode_split
+from .data import load_splits
+from .errors import PriorError, RunError
+from .gaussian import component_log_probs
+from .registry import PriorContext, build_prior
+from .runs import load_checkpoint, load_run, read_run_config, resolve_device, save_checkpoint
+
+__all__ = ["fit_prior", "em_fit_mog", "load_prior_source", "prior_sources", "PRIORS_DIR"]
+
+PRIORS_DIR = "priors"
+
+
+def _frozen(module: nn.Module) -> nn.Module:
+    module = copy.deepcopy(module)
+    module.requires_grad_(False)
+    return module.eval()
+
+
+def _draw(mu: torch.Tensor, logvar: torch.Tensor, generator=None) -> torch.Tensor:
+    eps = torch.randn(mu.shape, device=mu.device, dtype=mu.dtype, generator=generator)
+    return mu + torch.exp(0.5 * logvar) * eps
+
+
+@torch.no_grad()
+def _mean_nll(prior, z: torch.Tensor, batch: int = 10_000) -> float:
+    return -sum(prior.log_prob(z[i:i + batch]).sum().item()
+                for i in range(0, len(z), batch)) / len(z)
+
+
+@torch.no_grad()
+def em_fit_mog(prior, mu: torch.Tensor, logvar: torch.Tensor, z_val: torch.Tensor,
+               iterations: int = 200, patience: int = 10, var_floor: float = 1e-4,
+               callback=None) -> list[dict]:
+    """Fit a ``mog`` prior by EM to fresh code draws each iteration (diagonal components).
+
+    Initialisation: means by k-means++ seeding on one draw of codes, variances at the codes'
+    per-dimension variance, uniform weights. Keeps the iterate with the best validation
+    log-likelihood.
+    """
+    k = prior.means.shape[0]
+    z = _draw(mu, logvar)
+    means = _kmeans_pp(z, k)
+    var = z.var(0, keepdim=True).expand(k, -1).clone()
+    log_w = torch.full((k,), -math.log(k), device=z.device, dtype=z.dtype)
+    best, best_params, bad, history = math.inf, None, 0, []
+    for it in range(1, iterations + 1):
+        z = _draw(mu, logvar)
+        stats_n = torch.zeros(k, device=z.device, dtype=torch.float64)
+        stats_z = torch.zeros(k, z.shape[1], device=z.device, dtype=torch.float64)
+        stats_zz = torch.zeros_like(stats_z)
+        for start in range(0, len(z), 10_000):  # E-step in chunks, sufficient statistics
+            zc = z[start:start + 10_000]
+            r = torch.softmax(component_log_probs(zc, means, var.log(), log_w), dim=1).double()
+            stats_n += r.sum(0)
+            stats_z += r.T @ zc.double()
+            stats_zz += r.T @ (zc.double() ** 2)
+        nk = stats_n.clamp_min(1e-10)[:, None]
+        means = (stats_z / nk).to(z.dtype)
+        var = (stats_zz / nk - (stats_z / nk) ** 2).clamp_min(var_floor).to(z.dtype)
+        log_w = torch.log(stats_n.clamp_min(1e-10) / stats_n.sum()).to(z.dtype)
+        prior.means.copy_(means)
+        prior.logvars.copy_(var.log())
+        prior.logits.copy_(log_w)
+        val = _mean_nll(prior, z_val)
+        history.append({"iteration": it, "val_nll": val})
+        if callback:
+            callback(it, None, val)
+        if val < best - 1e-4:
+            best, bad = val, 0
+            best_params = [t.clone() for t in (prior.means, prior.logvars, prior.logits)]
+        else:
+            bad += 1
+            if bad >= patience:
+                break
+    for t, v in zip((prior.means, prior.logvars, prior.logits), best_params, strict=True):
+        t.copy_(v)
+    return history
+
+
+def _kmeans_pp(z: torch.Tensor, k: int, sample: int = 20_000) -> torch.Tensor:
+    """k-means++ seeding (Arthur & Vassilvitskii, 2007): each new center is drawn with
+    probability proportional to the squared distance to the nearest chosen one."""
+    if len(z) > sample:
+        z = z[torch.randperm(len(z), device=z.device)[:sample]]
+    centers = [z[torch.randint(len(z), (1,), device=z.device)]]
+    dist = ((z - centers[0]) ** 2).sum(1)
+    for _ in range(1, k):
+        idx = torch.multinomial(dist.clamp_min(0) + 1e-12, 1)
+        centers.append(z[idx])
+        dist = torch.minimum(dist, ((z - z[idx]) ** 2).sum(1))
+    return torch.cat(centers).clone()
+
+
+def fit_prior(run_dir: str | Path, name: str, kwargs: dict[str, Any] | None = None,
+              label: str | None = None, method: str = "auto", epochs: int = 100,
+              batch_size: int = 1000, lr: float = 1e-3, patience: int = 10,
+              device: str | None = None, seed: int = 0, progress: bool = True) -> dict:
+    """Fit the registered prior ``name`` to the run's aggregated posterior and save it.
+
+    Returns:
+        dict with ``label``, ``path``, ``val_nll`` (nats per validation code), ``epochs``,
+        ``method``, ``seconds``.
+    """
+    run_dir = Path(run_dir)
+    cfg = read_run_config(run_dir)
+    dev = resolve_device(device or cfg.train.device)
+    kwargs = dict(kwargs or {})
+    label = label or f"expost-{name.rpartition(':')[2]}"
+    if label in ("trained", "aggregate") or "/" in label:
+        raise PriorError(f"--as {label!r} is reserved or not a plain name; choose another label")
+    model = load_run(run_dir, device=str(dev))
+    splits = load_splits(cfg.data.name, cfg.data.root, cfg.data.download, device=dev)
+    torch.manual_seed(seed)
+    context = PriorContext(encoder=_frozen(model.encoder), input_shape=splits.input_shape,
+                           data=splits.x_train)
+    prior = build_prior(name, latent_dim=cfg.model.latent_dim, context=context, **kwargs).to(dev)
+    params = [p for p in prior.parameters() if p.requires_grad]
+    if not params:
+        raise PriorError(f"prior {name!r} has nothing to fit (no learnable parameters); use it "
+                         f"as it is, or fit a learnable prior such as mog or flow")
+    if method == "auto":
+        method = "em" if name == "mog" else "gradient"
+    if method == "em" and name != "mog":
+        raise PriorError(f"--method em is for the mog prior, not {name!r}")
+    if method not in ("em", "gradient"):
+        raise PriorError(f"--method must be auto, em or gradient, got {method!r}")
+
+    mu_tr, lv_tr = encode_split(model.encoder, splits.x_train)
+    mu_va, lv_va = encode_split(model.encoder, splits.x_val)
+    z_val = _draw(mu_va, lv_va, torch.Generator(device=dev).manual_seed(seed + 1))
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(log_dir=str(run_dir / PRIORS_DIR / label))
+    t0 = time.perf_counter()
+    bar = tqdm(total=epochs, desc=f"fit {label} ({method})", disable=not progress,
+               dynamic_ncols=True)
+
+    def log(step, train_nll, val_nll):
+        if train_nll is not None:
+            writer.add_scalar("fit/train_nll", train_nll, step)
+        writer.add_scalar("fit/val_nll", val_nll, step)
+        bar.update(1)
+        bar.set_postfix(val_nll=f"{val_nll:.3f}")
+
+    if method == "em":
+        history = em_fit_mog(prior, mu_tr, lv_tr, z_val, iterations=epochs, patience=patience,
+                             callback=log)
+    else:
+        history = _gradient_fit(prior, params, mu_tr, lv_tr, z_val, epochs, batch_size, lr,
+                                patience, log)
+    bar.close()
+    writer.close()
+    val_nll = _mean_nll(prior, z_val)
+    path = run_dir / PRIORS_DIR / f"{label}.pt"
+    save_checkpoint(path, {"name": name, "kwargs": kwargs, "latent_dim": cfg.model.latent_dim,
+                           "state_dict": prior.state_dict(), "method": method,
+                           "val_nll": val_nll, "history": history})
+    return {"label": label, "path": str(path), "val_nll": val_nll, "epochs": len(history),
+            "method": method, "seconds": time.perf_counter() - t0}
+
+
+def _gradient_fit(prior, params, mu, logvar, z_val, epochs, batch_size, lr, patience, log):
+    opt = torch.optim.Adam(params, lr=lr)
+    best, best_state, bad, history = math.inf, None, 0, []
+    prior.train()
+    for epoch in range(1, epochs + 1):
+        z = _draw(mu, logvar)  # fresh codes every epoch
+        total = 0.0
+        for idx in torch.randperm(len(z), device=z.device).split(batch_size):
+            loss = -prior.log_prob(z[idx]).mean()
+            if not torch.isfinite(loss):
+                raise PriorError(f"non-finite loss while fitting, epoch {epoch}; try a lower lr")
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(idx)
+        prior.eval()
+        val = _mean_nll(prior, z_val)
+        prior.train()
+        history.append({"epoch": epoch, "train_nll": total / len(z), "val_nll": val})
+        log(epoch, total / len(z), val)
+        if val < best - 1e-4:
+            best, bad = val, 0
+            best_state = copy.deepcopy(prior.state_dict())
+        else:
+            bad += 1
+            if bad >= patience:
+                break
+    prior.load_state_dict(best_state)
+    prior.eval()
+    return history
+
+
+def prior_sources(run_dir: str | Path) -> list[str]:
+    """``trained``, ``aggregate`` and the labels of the ex-post priors fitted in the run."""
+    folder = Path(run_dir) / PRIORS_DIR
+    labels = sorted(p.stem for p in folder.glob("*.pt")) if folder.is_dir() else []
+    return ["trained", "aggregate", *labels]
+
+
+def load_prior_source(run_dir: str | Path, model, source: str = "trained", splits=None):
+    """The prior called ``source`` for the run's (loaded) ``model``: ``trained`` (its own),
+    ``aggregate`` (q(z) of the training split; needs ``splits``) or an ex-post LABEL."""
+    run_dir = Path(run_dir)
+    if source == "trained":
+        return model.prior
+    device = next(model.parameters()).device
+    if source == "aggregate":
+        if splits is None:
+            cfg = read_run_config(run_dir)
+            splits = load_splits(cfg.data.name, cfg.data.root, cfg.data.download, device=device)
+        return AggregatedPosterior(*encode_split(model.encoder, splits.x_train))
+    path = run_dir / PRIORS_DIR / f"{source}.pt"
+    if not path.is_file():
+        raise RunError(f"no prior source {source!r} in {run_dir}; available: "
+                       f"{', '.join(prior_sources(run_dir))} (fit one with priorvae fit-prior)")
+    saved = load_checkpoint(path, map_location=device)
+    cfg = read_run_config(run_dir)
+    from .data import input_shape
+
+    shape = input_shape(cfg.data.name)
+    context = PriorContext(encoder=_frozen(model.encoder), input_shape=shape,
+                           data=torch.zeros(1, *shape))
+    prior = build_prior(saved["name"], latent_dim=saved["latent_dim"], context=context,
+                        **saved["kwargs"]).to(device)
+    prior.load_state_dict(saved["state_dict"])
+    return prior.eval()
