@@ -56,9 +56,13 @@ def grid(cfg: Config) -> list[tuple[str, Config]]:
     for key, value in (("priors", priors), ("seeds", seeds), ("latent_dims", dims or [1])):
         if not isinstance(value, list) or not value:
             raise ConfigError(f"[compare] {key} must be a non-empty list, got {value!r}")
+    from .registry import normalize_prior_name
+
     runs = []
-    for prior in priors:
-        kwargs = dict(args.get(prior, cfg.prior.kwargs if prior == cfg.prior.name else {}))
+    for prior in map(normalize_prior_name, priors):
+        short = prior.rpartition(":")[2]
+        kwargs = dict(args.get(prior, args.get(short, cfg.prior.kwargs
+                                                if prior == cfg.prior.name else {})))
         for dim in dims or [cfg.model.latent_dim]:
             for seed in seeds:
                 run_cfg = replace(cfg, prior=PriorConfig(prior, kwargs),
