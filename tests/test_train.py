@@ -27,6 +27,8 @@ def test_a_few_epochs_lower_the_validation_loss(tmp_path):
     assert metrics["status"] == "finished" and len(hist) == 12
     assert hist[-1]["val_elbo"] > hist[0]["val_elbo"] + 5  # nats
     assert metrics["best_val_elbo"] == max(h["val_elbo"] for h in hist)
+    mode = (tmp_path / "run" / "last.pt").stat().st_mode & 0o777
+    assert mode & 0o044 or os.umask(os.umask(0)) & 0o044, "checkpoints follow the umask"
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "run"), size_guidance={"images": 0})

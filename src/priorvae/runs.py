@@ -57,6 +57,9 @@ def _atomic(path: Path, write) -> None:
             write(f)
             f.flush()
             os.fsync(f.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a run folder is shared
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
