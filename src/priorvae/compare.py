@@ -83,15 +83,22 @@ def _row(name: str, cfg: Config, metrics: dict, source: str = "trained") -> dict
     return row
 
 
-def _mean_std(values: list[float]) -> str:
-    values = [v for v in values if v is not None]
+def _stats(values: list) -> tuple[float, float, int]:
+    """Mean, sample standard deviation (0 for one value) and count of the non-None values."""
+    values = [float(v) for v in values if v is not None]
     if not values:
-        return "–"
+        return float("nan"), 0.0, 0
     mean = sum(values) / len(values)
-    if len(values) == 1:
-        return f"{mean:.3g}"
-    std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
-    return f"{mean:.4g} ± {std:.2g}"
+    std = (math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+           if len(values) > 1 else 0.0)
+    return mean, std, len(values)
+
+
+def _mean_std(values: list) -> str:
+    mean, std, n = _stats(values)
+    if n == 0:
+        return "–"
+    return f"{mean:.3g}" if n == 1 else f"{mean:.4g} ± {std:.2g}"
 
 
 def write_results(out: Path, rows: list[dict[str, Any]], title: str = "") -> None:
@@ -155,11 +162,8 @@ def comparison_figure(out: Path, runs: list[tuple[str, Config]], rows: list[dict
         ax = fig.add_subplot(bottom[0, j])
         means, errs = [], []
         for label in labels:
-            vals = [r[key] for r in rows if f"{r['prior']} d{r['latent_dim']}" == label
-                    and r[key] is not None]
-            mean = sum(vals) / len(vals) if vals else float("nan")
-            std = (math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1))
-                   if len(vals) > 1 else 0.0)
+            mean, std, _ = _stats([r[key] for r in rows
+                                   if f"{r['prior']} d{r['latent_dim']}" == label])
             means.append(mean)
             errs.append(std)
         ax.bar(range(len(labels)), means, yerr=errs, color=[f"C{i}" for i in range(len(labels))],

@@ -194,8 +194,7 @@ def evaluate_run(run_dir: str | Path, iw_samples: int | None = None, device: str
                 title = f"{title}, prior: {prior_source}"
             folder = run_dir / "figures" / ("" if trained else prior_source)
             write_figures(extras, model.prior, folder, title, writer if trained else None, step)
-        if trained:
-            with SummaryWriter(log_dir=str(run_dir)) as writer:
+            if trained:
                 n_emb = min(2000, len(splits.x_test))
                 writer.add_embedding(extras["mu_heldout"][:n_emb].cpu(),
                                      metadata=splits.y_test[:n_emb].cpu().tolist(),
