@@ -77,6 +77,10 @@ class TrainConfig:
     val_batch_size: int = 1000
     image_every: int = 5  # epochs between image grids in TensorBoard
     diagnostics_every: int = 10  # epochs between prior-vs-aggregate diagnostics (0: never)
+    grad_norm: str = "none"  # none | unit: each parameter's gradient scaled to unit L2 norm
+    #                          before Adam ("AdamNormGrad" of the VampPrior code)
+    precision: str = "float32"  # float32 | bf16 (autocast for training; evaluation is float32)
+    compile: bool = False  # torch.compile the forward/backward (CUDA: with CUDA graphs)
 
 
 @dataclass

@@ -11,6 +11,11 @@ work runs at matrix-multiply speed. The price is cancellation: in float32 the er
 (logvar = -6) and under 1e-3 nats at typical variances (tests/test_gaussian.py); pass float64
 tensors where that matters. Points are processed in chunks
 so that the (chunk, K) block stays below ``max_elements``.
+
+The reduction is :func:`logsumexp`, which clamps the shifted exponents at -80 before ``exp``:
+the CPU's ``exp`` takes a slow path (13x slower here) for results that underflow, and a far
+component of a 50,000-component q(z) underflows almost always. Clamping changes the sum by at
+most K * e^-80 relative to its largest term (1e-30 for K = 50,000): nothing in float32.
 """
 
 from __future__ import annotations
@@ -25,9 +30,29 @@ __all__ = [
     "log_standard_normal",
     "component_log_probs",
     "mixture_log_prob",
+    "logsumexp",
 ]
 
 LOG_2PI = math.log(2 * math.pi)
+_TILE_COLS = 1024  # a (512, 1024) float32 tile is 2 MB: it and its exp passes stay in cache
+_TILE_ELEMENTS = 2**19
+_EXP_FLOOR = -80.0  # exp(-80) = 1.8e-35: still a normal float32, so exp stays on its fast path
+
+
+def logsumexp(x: torch.Tensor, dim: int = -1, inplace: bool = False) -> torch.Tensor:
+    """log sum exp over ``dim``, like :func:`torch.logsumexp` but with the shifted exponents
+    clamped at -80 (see the module docstring): 1.5-10x faster on CPU when most terms underflow.
+    Differentiable (the shift is detached, which leaves the gradient exact). ``inplace`` lets
+    it overwrite ``x`` (a temporary block, outside autograd) instead of allocating."""
+    m_raw = x.detach().amax(dim, keepdim=True)
+    m = torch.where(torch.isfinite(m_raw), m_raw, torch.zeros_like(m_raw))  # rows of -inf
+    if inplace and not (torch.is_grad_enabled() and x.requires_grad):
+        s = x.sub_(m).clamp_min_(_EXP_FLOOR).exp_().sum(dim)
+    else:
+        s = (x - m).clamp_min(_EXP_FLOOR).exp().sum(dim)
+    out = m.squeeze(dim) + s.log()
+    m_raw = m_raw.squeeze(dim)
+    return torch.where(torch.isfinite(m_raw), out, m_raw)  # -inf (or nan) rows stay so
 
 
 def log_normal_diag(z: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tensor:
@@ -85,9 +110,15 @@ def mixture_log_prob(
     k = means.shape[0]
     if log_weights is None:
         log_weights = torch.full((k,), -math.log(k), dtype=z.dtype, device=z.device)
-    right = _expanded(means, logvars, log_weights)  # (K, 2D+1)
-    rows = max(1, max_elements // max(k, 1))
+    right = _expanded(means, logvars, log_weights).T  # (2D+1, K)
+    # cache-sized (rows, cols) tiles: the product and the exp passes stay in cache, and each
+    # column tile's logsumexp is combined by one more logsumexp (exact)
+    cols = min(k, _TILE_COLS)
+    tiles = [right[:, c:c + cols].contiguous() for c in range(0, k, cols)] if k > cols else [right]
+    rows = max(1, min(max_elements, _TILE_ELEMENTS) // cols)
     out = []
     for start in range(0, z.shape[0], rows):
-        out.append(torch.logsumexp(_left(z[start:start + rows]) @ right.T, dim=-1))
+        left = _left(z[start:start + rows])
+        parts = [logsumexp(left @ t, dim=-1, inplace=True) for t in tiles]
+        out.append(parts[0] if len(parts) == 1 else logsumexp(torch.stack(parts, -1), dim=-1))
     return torch.cat(out) if len(out) > 1 else out[0]
