@@ -8,7 +8,8 @@ number of threads. Measures:
 
 - ``train_epoch``: seconds per training epoch (pythae: ``BaseTrainer.train_step``, its epoch
   loop; priorvae: the loop of ``priorvae.train``), standard prior and VampPrior (500
-  pseudo-inputs); priorvae eager and, with ``--compile``, torch.compile'd.
+  pseudo-inputs); priorvae eager and, with ``--compile``, torch.compile'd, with ``--bf16``
+  under bf16 autocast (not the same arithmetic: reported apart). A first round warms up.
 - ``test_nll``: seconds for the IWAE NLL of 1,000 test images with K = 500 (pythae:
   ``model.get_nll``), both models holding the same weights, with both values.
 - ``expost_gmm``: seconds to fit a 10-component GMM to the 50,000 training codes (pythae:
@@ -18,7 +19,7 @@ number of threads. Measures:
 Installs nothing; needs ``pip install pythae`` in the same environment. One JSON line per
 measurement. Never downloads: MNIST from $PRIORVAE_DATA or ../shared/data.
 
-    python benchmarks/pythae_side_by_side.py [--reps 3] [--threads 2] [--compile]
+    python benchmarks/pythae_side_by_side.py [--reps 5] [--threads 2] [--compile] [--bf16]
 """
 
 from __future__ import annotations
@@ -124,13 +125,13 @@ def pythae_trainer(model, x_binary, out_dir):
     return trainer
 
 
-def our_epoch(model, opt, forward, splits, epoch: int) -> float:
+def our_epoch(model, opt, forward, splits, epoch: int, autocast: bool = False) -> float:
     """One epoch of priorvae's training loop (as in priorvae.train); returns the mean loss."""
     model.train()
     order = epoch_order(len(splits.x_train), 0, epoch, splits.x_train.device)
     sums = torch.zeros(4, dtype=torch.float64)
     for x, global_n in local_batches(splits.x_train, order, 100, DistEnv()):
-        sums += train_step(model, opt, x, 1.0, global_n, forward=forward)
+        sums += train_step(model, opt, x, 1.0, global_n, autocast=autocast, forward=forward)
     return sums[0].item() / len(splits.x_train)
 
 
@@ -152,13 +153,18 @@ def report(bench: str, prior: str, times: dict, extra: dict | None = None) -> No
     print(json.dumps({**line, **(extra or {})}), flush=True)
 
 
-def bench_train(prior, splits, root, reps, compile_, tmp):
+def bench_train(prior, splits, root, reps, compile_, bf16, tmp):
     cfg, ours, theirs = build_pair(prior, splits, root)
     x_binary = torch.bernoulli(splits.x_train, generator=torch.Generator().manual_seed(0))
     trainer = pythae_trainer(theirs, x_binary, tmp)
     opt = make_optimizer(ours.parameters(), cfg.train.lr)
     contenders = {"pythae": lambda e: trainer.train_step(e),
                   "priorvae": lambda e: our_epoch(ours, opt, ours, splits, e)}
+    if bf16:  # the same step under bf16 autocast: matrix products in bf16, the rest float32
+        twin16 = copy.deepcopy(ours)
+        opt16 = make_optimizer(twin16.parameters(), cfg.train.lr)
+        contenders["priorvae_bf16"] = lambda e: our_epoch(twin16, opt16, twin16, splits, e,
+                                                          autocast=True)
     if compile_:
         twin = copy.deepcopy(ours)
         twin_opt = make_optimizer(twin.parameters(), cfg.train.lr)
@@ -166,9 +172,11 @@ def bench_train(prior, splits, root, reps, compile_, tmp):
         t_compile, _ = timed(lambda: our_epoch(twin, twin_opt, compiled, splits, 0))
         contenders["priorvae_compiled"] = lambda e: our_epoch(twin, twin_opt, compiled, splits, e)
     times = {name: [] for name in contenders}
-    for rep in range(1, reps + 1):  # A B A B: each contender once per round, same order
-        for name, fn in contenders.items():
-            times[name].append(timed(lambda fn=fn, rep=rep: fn(rep))[0])
+    for rep in range(reps + 1):  # A B A B: each contender once per round, same order
+        for name, fn in contenders.items():  # round 0 warms up and is not counted
+            t = timed(lambda fn=fn, rep=rep: fn(rep + 1))[0]
+            if rep > 0:
+                times[name].append(t)
     extra = {"images_per_epoch": len(splits.x_train)}
     if compile_:
         extra["compile_and_first_epoch_s"] = round(t_compile, 1)
@@ -239,10 +247,11 @@ def bench_gmm(ours, theirs, splits, reps):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--reps", type=int, default=3, help="rounds of A B per measurement")
+    p.add_argument("--reps", type=int, default=5, help="rounds of A B per measurement")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--priors", nargs="+", default=["standard_normal", "vampprior"])
     p.add_argument("--compile", action="store_true", help="also time priorvae torch.compile'd")
+    p.add_argument("--bf16", action="store_true", help="also time priorvae with bf16 autocast")
     p.add_argument("--nll-images", type=int, default=1000)
     p.add_argument("--k", type=int, default=500)
     p.add_argument("--skip", nargs="*", default=[], choices=["train", "nll", "gmm"])
@@ -261,7 +270,8 @@ def main() -> None:
             if "train" in args.skip:
                 _, ours, theirs = build_pair(prior, splits, root)
             else:
-                ours, theirs = bench_train(prior, splits, root, args.reps, args.compile, tmp)
+                ours, theirs = bench_train(prior, splits, root, args.reps, args.compile, args.bf16,
+                                           tmp)
             if "nll" not in args.skip:
                 bench_nll(prior, ours, theirs, splits, max(2, math.ceil(args.reps / 2)),
                           args.nll_images, args.k)

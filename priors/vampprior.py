@@ -66,8 +66,14 @@ class VampPrior(Prior):
         return nn.functional.hardtanh(self.pseudo, 0.0, 1.0)
 
     def components(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Posterior parameters at the pseudo-inputs: (mu, logvar), each (K, D)."""
-        return self.encoder(self.pseudo_inputs())
+        """Posterior parameters at the pseudo-inputs: (mu, logvar), each (K, D); computed once
+        inside ``with prior.frozen():`` (evaluation)."""
+        cache = self.frozen_cache
+        if cache is None:
+            return self.encoder(self.pseudo_inputs())
+        if "components" not in cache:
+            cache["components"] = self.encoder(self.pseudo_inputs())
+        return cache["components"]
 
     def _log_prob(self, z: torch.Tensor) -> torch.Tensor:
         mu, logvar = self.components()

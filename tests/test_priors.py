@@ -146,6 +146,31 @@ def test_prior_follows_to_dtype(name):
     assert out.dtype == torch.float64 and prior.sample(3).dtype == torch.float64
 
 
+@pytest.mark.parametrize("name", PRIORS)
+def test_frozen_evaluation_gives_the_same_density_and_forgets_on_exit(name):
+    prior = make(name, perturb=0.5)
+    z = torch.randn(32, D)
+    with torch.no_grad():
+        plain = prior.log_prob(z)
+    frozen = getattr(prior, "frozen", None)
+    if frozen is None:
+        pytest.skip(f"{name} does not subclass Prior")
+    with frozen():
+        assert torch.allclose(prior.log_prob(z), plain, atol=1e-6)
+        assert torch.allclose(prior.log_prob(z[:5]), plain[:5], atol=1e-6)  # reused work
+        assert not torch.is_grad_enabled()
+    if not list(prior.parameters()):
+        return
+    with torch.no_grad():  # parameters change after the block: nothing stale is kept
+        for p in prior.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    with torch.no_grad():
+        changed = prior.log_prob(z)
+    assert torch.isfinite(changed).all() and not torch.allclose(changed, plain, atol=1e-4)
+    with frozen():
+        assert torch.allclose(prior.log_prob(z), changed, atol=1e-6)
+
+
 # ---- prior-specific checks ------------------------------------------------------------------
 
 

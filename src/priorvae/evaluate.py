@@ -29,7 +29,7 @@ from .quality import (
 )
 from .runs import load_run, read_metrics, read_run_config, resolve_device, update_metrics
 from .train import mean_elbo
-from .vae import VAE
+from .vae import VAE, frozen_prior
 
 __all__ = ["mean_iwae_nll", "decode_samples", "diagnose", "write_figures", "evaluate_run"]
 
@@ -46,8 +46,9 @@ def mean_iwae_nll(model: VAE, x: torch.Tensor, k: int, batch_size: int = 100,
     batches = tqdm(iterate_batches(x, batch_size, shuffle=False, dynamic_binarization=False),
                    total=-(-len(x) // batch_size), desc=f"test NLL (K={k})", disable=not progress,
                    dynamic_ncols=True)
-    for batch in batches:
-        total += -model.iwae(batch, k).sum().item()
+    with frozen_prior(model.prior):  # the VampPrior encodes its pseudo-inputs once, not per batch
+        for batch in batches:
+            total += -model.iwae(batch, k).sum().item()
     return total / len(x)
 
 

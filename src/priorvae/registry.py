@@ -24,6 +24,7 @@ grey levels in [0, 1]; a placeholder when a run is restored from a checkpoint).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
 import importlib
@@ -107,6 +108,22 @@ class Prior(nn.Module):
 
     def _sample(self, n: int) -> torch.Tensor:
         raise NotImplementedError
+
+    @contextlib.contextmanager
+    def frozen(self):
+        """Within this block the parameters are fixed and no gradient is taken (evaluation), so
+        a prior may keep work that depends on its parameters alone in ``self.frozen_cache``
+        (a dict; None outside) instead of redoing it per call: the VampPrior encodes its
+        pseudo-inputs once for a whole test-set NLL instead of once per chunk of samples."""
+        outer = self.frozen_cache
+        self.frozen_cache = {} if outer is None else outer
+        try:
+            with torch.no_grad():
+                yield self
+        finally:
+            self.frozen_cache = outer
+
+    frozen_cache: dict | None = None
 
     @property
     def device(self) -> torch.device:

@@ -103,7 +103,8 @@ def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Te
     return torch.randperm(n, generator=gen).to(device)
 
 
-def local_batches(x: torch.Tensor, order: torch.Tensor, batch_size: int, env: DistEnv):
+def local_batches(x: torch.Tensor, order: torch.Tensor, batch_size: int, env: DistEnv,
+                  dynamic_binarization: bool = True):
     """This rank's share of each global batch: (binarized local batch, global batch size).
 
     Global batch b is ``order[b*B:(b+1)*B]``; rank r takes positions r, r + W, r + 2W, ... of
@@ -118,7 +119,8 @@ def local_batches(x: torch.Tensor, order: torch.Tensor, batch_size: int, env: Di
             idx_local = idx[env.rank::env.world_size]
         else:
             idx_local = idx
-        yield binarize(x[idx_local]), len(idx)
+        batch = x[idx_local]
+        yield (binarize(batch) if dynamic_binarization else batch), len(idx)
 
 
 @torch.no_grad()

@@ -18,6 +18,7 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -29,7 +30,13 @@ from .gaussian import LOG_2PI
 from .nets import BernoulliLikelihood, build_networks
 from .registry import PriorContext, build_prior
 
-__all__ = ["VAE", "build_vae"]
+__all__ = ["VAE", "build_vae", "frozen_prior"]
+
+
+def frozen_prior(prior):
+    """``prior.frozen()`` where the prior offers it (subclasses of Prior do), else a no-op."""
+    frozen = getattr(prior, "frozen", None)
+    return frozen() if callable(frozen) else contextlib.nullcontext()
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -105,6 +112,10 @@ class VAE(nn.Module):
         """
         if k < 1:
             raise ValueError(f"k must be positive, got {k}")
+        with frozen_prior(self.prior):
+            return self._iwae(x, k, max_elements)
+
+    def _iwae(self, x: torch.Tensor, k: int, max_elements: int) -> torch.Tensor:
         mu, logvar = self.encode(x)
         b, d = mu.shape
         std = torch.exp(0.5 * logvar)
