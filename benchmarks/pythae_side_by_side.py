@@ -201,7 +201,12 @@ def bench_nll(prior, ours, theirs, splits, reps, n_images, k):
             t, v = timed(fn)
             times[name].append(t)
             values[name].append(v)
+    from full_test_nll import decoder_matmul_seconds  # beside this script
+
+    floor = decoder_matmul_seconds(ours, n_images * k, ours.prior.latent_dim)
     report("test_nll", prior, times, {
+        "decoder_matmul_floor_s": round(floor, 3),
+        "max_speedup_at_floor": round(statistics.median(times["pythae"]) / floor, 2),
         "images": n_images, "k": k,
         "nll_pythae": round(statistics.mean(values["pythae"]), 3),
         "nll_priorvae": round(statistics.mean(values["priorvae"]), 3),

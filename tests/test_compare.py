@@ -54,12 +54,12 @@ def test_compare_writes_results_and_resumes(tmp_path, capsys):
 def test_compare_adds_expost_rows(tmp_path):
     config = tiny_toml(tmp_path / "c.toml", train={"epochs": 3})
     with open(config, "a") as f:
-        f.write('\n[compare]\npriors = ["standard_normal"]\nseeds = [0]\n'
-                'expost = ["mog", "aggregate"]\n')
+        f.write('\n[compare]\npriors = ["standard_normal", "mog"]\nseeds = [0]\n'
+                'expost = ["mog", "aggregate"]\nexpost_on = ["standard_normal"]\n')
     out = tmp_path / "exp"
     assert main(["compare", str(config), "--out", str(out), "--quiet"]) == 0
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [r["prior"] for r in rows] == [
-        "standard_normal", "standard_normal+expost-mog", "standard_normal+aggregate"]
+        "standard_normal", "standard_normal+expost-mog", "standard_normal+aggregate", "mog"]
     assert all(r["test_nll"] and r["hole_rate"] for r in rows)
     assert "standard_normal+expost-mog" in (out / "results.md").read_text()

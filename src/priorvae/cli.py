@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -26,8 +27,12 @@ def _cmd_train(args) -> int:
     cfg = load_config(args.config, args.set)
     cfg.prior.name = normalize_prior_name(cfg.prior.name)
     run_dir = Path(args.out) if args.out else default_run_dir(args.config, cfg)
-    print(f"run folder: {run_dir}   (TensorBoard: tensorboard --logdir {run_dir.parent})")
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone reports
+    if main_rank:
+        print(f"run folder: {run_dir}   (TensorBoard: tensorboard --logdir {run_dir.parent})")
     metrics = train(cfg, run_dir, progress=not args.quiet)
+    if not main_rank:
+        return 0
     summary = {k: metrics.get(k) for k in
                ("status", "epochs_trained", "best_epoch", "best_val_elbo", "train_seconds")}
     print(json.dumps(summary))

@@ -7,6 +7,7 @@ The config's ``[compare]`` table (ignored by ``train``) declares the grid::
     seeds = [0, 1]
     latent_dims = [2, 8]          # optional
     expost = ["mog", "flow"]      # optional: ex-post priors fitted to each run (+ "aggregate")
+    expost_on = ["standard_normal"]  # optional: only these priors' runs get them (default all)
     [compare.args.mog]            # optional: arguments for one prior of the grid
     n_components = 20
 
@@ -36,7 +37,7 @@ RESULT_COLUMNS = ["prior", "seed", "latent_dim", "test_elbo", "test_nll", "kl", 
                   "marginal_kl", "kl_prior_to_agg", "hole_rate", "mmd", "active_units",
                   "fd_prior", "fd_aggregate", "class_entropy_prior", "train_seconds",
                   "epochs_trained", "iw_samples"]
-_COMPARE_KEYS = {"priors", "seeds", "latent_dims", "args", "expost"}
+_COMPARE_KEYS = {"priors", "seeds", "latent_dims", "args", "expost", "expost_on"}
 
 
 def grid(cfg: Config) -> list[tuple[str, Config]]:
@@ -193,6 +194,11 @@ def run_compare(config_path: str | Path, overrides: list[str] | None = None,
     expost_names = cfg.extra["compare"].get("expost", [])
     if not isinstance(expost_names, list):
         raise ConfigError(f"[compare] expost must be a list, got {expost_names!r}")
+    expost_on = cfg.extra["compare"].get("expost_on")
+    if expost_on is not None:
+        if not isinstance(expost_on, list):
+            raise ConfigError(f"[compare] expost_on must be a list of priors, got {expost_on!r}")
+        expost_on = {normalize_prior_name(p) for p in expost_on}
     out.mkdir(parents=True, exist_ok=True)
     header = "".join(f"# --set {o}\n" for o in overrides or [])
     (out / "compare.toml").write_text(header + Path(config_path).read_text())
@@ -210,7 +216,7 @@ def run_compare(config_path: str | Path, overrides: list[str] | None = None,
             print(f"[{i}/{len(runs)}] {name}: test NLL {metrics['test_nll']:.2f}, hole rate "
                   f"{metrics['hole_rate']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
         rows.append(_row(name, run_cfg, metrics))
-        for expost in expost_names:
+        for expost in expost_names if expost_on is None or run_cfg.prior.name in expost_on else []:
             label = "aggregate" if expost == "aggregate" else f"expost-{expost}"
             saved = read_metrics(run_dir).get("prior_sources", {}).get(label, {})
             if "fd_prior" not in saved:

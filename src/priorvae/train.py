@@ -35,7 +35,8 @@ from .runs import (
 from .vae import VAE, build_vae
 
 __all__ = ["train", "train_step", "beta_at", "mean_elbo", "global_mean_elbo", "check_run_dir",
-           "make_optimizer", "normalize_gradients", "epoch_order", "local_batches"]
+           "make_optimizer", "normalize_gradients", "epoch_order", "local_batches",
+           "compile_forward"]
 
 FINISHED = ("finished", "early_stopped")
 
@@ -219,7 +220,7 @@ def _setup_state(run_dir: Path, cfg: Config, env: DistEnv) -> str:
     return value
 
 
-def _compiled(module, device: torch.device):
+def compile_forward(module, device: torch.device):
     """torch.compile of the training forward; on CUDA with CUDA graphs (mode reduce-overhead),
     which removes the per-step launch overhead of these small networks."""
     mode = "reduce-overhead" if device.type == "cuda" else None
@@ -294,7 +295,7 @@ def _train(cfg: Config, run_dir: Path, progress: bool, env: DistEnv,
         forward = DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     if tc.compile:
-        forward = _compiled(forward, device)
+        forward = compile_forward(forward, device)
 
     writer = classifier = None
     if main:
