@@ -9,7 +9,7 @@ import torch
 
 from conftest import tiny_toml
 from priorvae.config import load_config
-from priorvae.errors import RunError, TrainingError
+from priorvae.errors import ConfigError, RunError, TrainingError
 from priorvae.runs import load_checkpoint, read_metrics
 from priorvae.train import beta_at, train
 from priorvae.vae import VAE
@@ -136,3 +136,25 @@ def test_non_finite_loss_stops_cleanly(tmp_path, monkeypatch):
     assert ckpt["epoch"] == 2
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
     assert read_metrics(tmp_path / "run")["status"] == "failed"
+
+
+def test_adam_norm_grad_scales_each_gradient_to_unit_norm():
+    from priorvae.train import normalize_gradients
+
+    layer = torch.nn.Linear(5, 3)
+    (layer(torch.randn(7, 5)) ** 2).sum().mul(100).backward()
+    before = [p.grad.clone() for p in layer.parameters()]
+    normalize_gradients(list(layer.parameters()))
+    for p, g in zip(layer.parameters(), before, strict=True):
+        assert torch.allclose(p.grad.norm(), torch.tensor(1.0), atol=1e-6)
+        assert torch.allclose(p.grad, g / g.norm(), atol=1e-6)  # direction kept
+
+
+def test_grad_norm_option_trains_and_bad_values_are_refused(tmp_path):
+    config = tiny_toml(tmp_path / "c.toml", train={"epochs": 6, "grad_norm": "unit",
+                                                   "diagnostics_every": 0})
+    train(load_config(config), tmp_path / "run", progress=False)
+    history = load_checkpoint(tmp_path / "run" / "last.pt")["history"]
+    assert history[-1]["val_elbo"] > history[0]["val_elbo"] + 3
+    with pytest.raises(ConfigError, match="grad_norm must be 'none' or 'unit'"):
+        train(load_config(config, ["train.grad_norm=clip"]), tmp_path / "bad", progress=False)
