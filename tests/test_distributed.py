@@ -40,11 +40,14 @@ def test_ranks_split_each_global_batch_exactly():
     assert len(list(local_batches(ids[:7], tiny, 5, DistEnv(0, 3), False))) == 1
 
 
-def _torchrun(args, env_extra=None, timeout=300):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", **(env_extra or {})}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "priorvae", *args]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+              "--nproc_per_node=2", "-m", "priorvae"]
+ENV_1_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _torchrun(args, timeout=300):
+    proc = subprocess.run([*TORCHRUN_2, *args], capture_output=True, text=True,
+                          env=ENV_1_THREAD, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
@@ -73,11 +76,9 @@ def test_two_process_gloo_run_matches_one_process_and_resumes_in_one(tmp_path):
 
     # a checkpoint written by a 2-process run (killed mid-way) resumes in a 1-process run
     run = tmp_path / "killed"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "priorvae", "train", str(config), "--out", str(run), "--quiet"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env,
+        [*TORCHRUN_2, "train", str(config), "--out", str(run), "--quiet"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=ENV_1_THREAD,
         start_new_session=True)
     try:
         t0 = time.time()
@@ -100,10 +101,9 @@ def test_two_process_gloo_run_matches_one_process_and_resumes_in_one(tmp_path):
 
 def test_batch_smaller_than_world_is_refused(tmp_path):
     config = tiny_toml(tmp_path / "c.toml", train={"batch_size": 1, "device": "cpu"})
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "priorvae", "train", str(config), "--out", str(tmp_path / "r"), "--quiet"]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run([*TORCHRUN_2, "train", str(config), "--out", str(tmp_path / "r"),
+                           "--quiet"], capture_output=True, text=True, env=ENV_1_THREAD,
+                          timeout=300)
     assert proc.returncode != 0
     assert "is the global batch; it must be at least the number of processes (2)" in proc.stderr
 

@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from .errors import ConfigError
 
-__all__ = ["DistEnv", "setup", "teardown", "all_reduce_sum", "broadcast_object"]
+__all__ = ["DistEnv", "setup", "teardown", "world_size", "all_reduce_sum", "broadcast_object"]
 
 
 @dataclass(frozen=True)
@@ -79,6 +79,11 @@ def setup(device_name: str) -> tuple[DistEnv, torch.device]:
 def teardown(env: DistEnv) -> None:
     if env.owns_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def world_size() -> int:
+    """Processes in the current group (1 without torch.distributed)."""
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def all_reduce_sum(t: torch.Tensor, env: DistEnv) -> torch.Tensor:

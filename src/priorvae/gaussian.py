@@ -36,7 +36,7 @@ __all__ = [
 LOG_2PI = math.log(2 * math.pi)
 _TILE_COLS = 1024  # a (1024, 1024) float32 tile is 4 MB: it and its exp passes stay in cache
 _TILE_ELEMENTS = 2**20  # (tiles of 2 and 8 MB were 5-10% slower on the 2-core machine)
-_EXP_FLOOR = -80.0  # exp(-80) = 1.8e-35: still a normal float32, so exp stays on its fast path
+EXP_FLOOR = -80.0  # exp(-80) = 1.8e-35: still a normal float32, so exp stays on its fast path
 
 
 def logsumexp(x: torch.Tensor, dim: int = -1, inplace: bool = False) -> torch.Tensor:
@@ -47,9 +47,9 @@ def logsumexp(x: torch.Tensor, dim: int = -1, inplace: bool = False) -> torch.Te
     m_raw = x.detach().amax(dim, keepdim=True)
     m = torch.where(torch.isfinite(m_raw), m_raw, torch.zeros_like(m_raw))  # rows of -inf
     if inplace and not (torch.is_grad_enabled() and x.requires_grad):
-        s = x.sub_(m).clamp_min_(_EXP_FLOOR).exp_().sum(dim)
+        s = x.sub_(m).clamp_min_(EXP_FLOOR).exp_().sum(dim)
     else:
-        s = (x - m).clamp_min(_EXP_FLOOR).exp().sum(dim)
+        s = (x - m).clamp_min(EXP_FLOOR).exp().sum(dim)
     out = m.squeeze(dim) + s.log()
     m_raw = m_raw.squeeze(dim)
     return torch.where(torch.isfinite(m_raw), out, m_raw)  # -inf (or nan) rows stay so

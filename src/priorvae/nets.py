@@ -21,6 +21,7 @@ from torch import nn
 
 from .config import ModelConfig
 from .errors import ConfigError
+from .gaussian import EXP_FLOOR
 
 __all__ = [
     "GatedDense",
@@ -161,7 +162,7 @@ class ConvDecoder(nn.Module):
 
 def _softplus_tail(logits: torch.Tensor) -> torch.Tensor:
     """log(1 + exp(-|l|)), with |l| capped at 80 (the cap changes it by < 2e-35)."""
-    return logits.abs().clamp_max_(_EXP_CAP).neg_().exp_().log1p_()
+    return logits.abs().neg_().clamp_min_(EXP_FLOOR).exp_().log1p_()
 
 
 class _BernoulliLogProb(torch.autograd.Function):
@@ -189,9 +190,6 @@ class _BernoulliLogProb(torch.autograd.Function):
 def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """log Bern(x; sigmoid(logits)) per element (same shape), numerically stable."""
     return _BernoulliLogProb.apply(logits, x)
-
-
-_EXP_CAP = 80.0
 
 
 def _bernoulli_log_prob_sum_nograd(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from .config import Config
 from .data import binarize, iterate_batches, load_splits
-from .distributed import DistEnv, all_reduce_sum, broadcast_object, teardown
+from .distributed import DistEnv, all_reduce_sum, broadcast_object, teardown, world_size
 from .distributed import setup as dist_setup
 from .errors import ConfigError, RunError, TrainingError
 from .runs import (
@@ -77,7 +77,7 @@ def train_step(model, opt: torch.optim.Optimizer, x: torch.Tensor, beta: float,
     """
     forward = model if forward is None else forward
     n = len(x)
-    per_rank = (global_batch or n) / _world()
+    per_rank = (global_batch or n) / world_size()
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
         terms = forward(x)
     per_image = -(terms["recon"] - beta * terms["kl"])
@@ -89,12 +89,6 @@ def train_step(model, opt: torch.optim.Optimizer, x: torch.Tensor, beta: float,
     opt.step()
     return torch.stack([per_image.sum(), terms["elbo"].sum(), terms["recon"].sum(),
                         terms["kl"].sum()]).detach().float()
-
-
-def _world() -> int:
-    import torch.distributed as dist
-
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
 def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Tensor:
