@@ -43,7 +43,11 @@ def test_train_evaluate_sample_load_run(tmp_path):
                 "active_units", "fd_prior", "fd_aggregate", "class_entropy_prior"):
         assert key in metrics, key
     assert metrics["kl"] == pytest.approx(metrics["mutual_info"] + metrics["marginal_kl"])
-    for name in ("samples", "latent_atlas", "log_q_histogram"):
+    for space in ("latent", "feature"):
+        for key in ("precision", "recall", "density", "coverage", "c2st_auc", "c2st_acc"):
+            value = metrics[f"{space}_{key}"]
+            assert value >= 0 and (key == "density" or value <= 1), (space, key, value)
+    for name in ("samples", "latent_atlas", "log_q_histogram", "hole_scores"):
         assert (run / "figures" / f"{name}.png").is_file()
 
     for source in (["--source", "prior"], ["--source", "aggregate"],

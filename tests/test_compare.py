@@ -39,10 +39,12 @@ def test_compare_writes_results_and_resumes(tmp_path, capsys):
     assert [(r["prior"], r["seed"]) for r in rows] == [
         ("standard_normal", "0"), ("standard_normal", "1"), ("mog", "0"), ("mog", "1")]
     for col in ("test_elbo", "test_nll", "kl", "mutual_info", "marginal_kl", "kl_prior_to_agg",
-                "hole_rate", "mmd", "active_units", "fd_prior", "fd_aggregate", "train_seconds"):
+                "hole_rate", "mmd", "active_units", "fd_prior", "fd_aggregate", "train_seconds",
+                "latent_precision", "latent_recall", "latent_coverage", "latent_c2st_auc",
+                "feature_precision", "feature_c2st_auc"):
         assert all(r[col] not in ("", None) for r in rows), col
     md = (out / "results.md").read_text()
-    assert "| standard_normal | 2 | 2 |" in md and "±" in md
+    assert "| standard_normal | 2 | 2 |" in md and "±" in md and "latent_c2st_auc" in md
     assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     assert "n_components = 3" in (out / "mog-seed0" / "config.toml").read_text()
     capsys.readouterr()

@@ -73,6 +73,8 @@ def test_expost_priors_shrink_holes_and_leave_the_vae_alone(trained_run):
         assert fitted["hole_rate"] < base["hole_rate"], source
     agg = metrics["prior_sources"]["aggregate"]
     assert abs(agg["marginal_kl"]) < 0.05 and agg["hole_rate"] < 0.05  # q against itself
+    # a classifier cannot tell q(z) samples from held-out codes much better than chance
+    assert agg["latent_c2st_auc"] < 0.7 and agg["latent_precision"] > 0.8
     assert (trained_run / "figures" / "expost-flow" / "latent_atlas.png").is_file()
     assert _digest(best) == before
 

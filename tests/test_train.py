@@ -38,7 +38,9 @@ def test_a_few_epochs_lower_the_validation_loss(tmp_path):
         assert tag in tags["scalars"], tag
         assert len(events.Scalars(tag)) == 12
     assert {"images/reconstructions", "images/prior_samples"} <= set(tags["images"])
-    for tag in ("diagnostics/hole_rate", "diagnostics/marginal_kl", "diagnostics/fd_prior"):
+    for tag in ("diagnostics/hole_rate", "diagnostics/marginal_kl", "diagnostics/fd_prior",
+                "diagnostics/latent_precision", "diagnostics/latent_c2st_auc",
+                "diagnostics/feature_coverage"):
         assert [e.step for e in events.Scalars(tag)] == [10, 12]  # every 10 and the last
     assert events.Images("images/prior_samples")[0].width >= 256  # 8x8 digits enlarged
     assert any("config" in t for t in tags["tensors"])

@@ -45,9 +45,10 @@ def _cmd_evaluate(args) -> int:
     metrics = evaluate_run(args.run_dir, iw_samples=args.iw_samples, device=args.device,
                            progress=not args.quiet, limit=args.limit,
                            diagnostics=not args.no_diagnostics, prior_source=args.prior_source)
-    keys = ("test_elbo", "test_nll", "iw_samples", "test_images", "eval_seconds", "kl",
-            "mutual_info", "marginal_kl", "kl_prior_to_agg", "hole_rate", "mmd",
-            "active_units", "fd_prior", "fd_aggregate")
+    from .evaluate import DIAGNOSTIC_KEYS
+
+    keys = ("test_elbo", "test_nll", "iw_samples", "test_images", "eval_seconds",
+            *DIAGNOSTIC_KEYS)
     print(json.dumps({k: metrics[k] for k in keys if k in metrics}))
     return 0
 

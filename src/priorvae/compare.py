@@ -35,8 +35,10 @@ __all__ = ["grid", "run_compare", "write_results", "RESULT_COLUMNS"]
 
 RESULT_COLUMNS = ["prior", "seed", "latent_dim", "test_elbo", "test_nll", "kl", "mutual_info",
                   "marginal_kl", "kl_prior_to_agg", "hole_rate", "mmd", "active_units",
-                  "fd_prior", "fd_aggregate", "class_entropy_prior", "train_seconds",
-                  "epochs_trained", "iw_samples"]
+                  "fd_prior", "fd_aggregate", "class_entropy_prior", "latent_precision",
+                  "latent_recall", "latent_density", "latent_coverage", "latent_c2st_auc",
+                  "feature_precision", "feature_recall", "feature_density", "feature_coverage",
+                  "feature_c2st_auc", "train_seconds", "epochs_trained", "iw_samples"]
 _COMPARE_KEYS = {"priors", "seeds", "latent_dims", "args", "expost", "expost_on"}
 
 
@@ -109,13 +111,17 @@ def write_results(out: Path, rows: list[dict[str, Any]], title: str = "") -> Non
         writer.writeheader()
         writer.writerows(rows)
     cols = ["test_nll", "test_elbo", "kl", "mutual_info", "marginal_kl", "kl_prior_to_agg",
-            "hole_rate", "mmd", "active_units", "fd_prior", "fd_aggregate", "train_seconds"]
+            "hole_rate", "latent_precision", "latent_recall", "latent_coverage",
+            "latent_c2st_auc", "mmd", "active_units", "fd_prior", "fd_aggregate",
+            "feature_precision", "feature_recall", "train_seconds"]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["prior"], row["latent_dim"]), []).append(row)
     lines = [f"# {title or 'Comparison'}", "",
              "Mean ± standard deviation over seeds; nats except hole_rate (share), "
              "active_units (count), fd_* (Fréchet distance in classifier features), "
+             "latent_*/feature_* two-sample measures of prior samples against held-out codes/"
+             "images (precision, recall, coverage in [0, 1]; c2st_auc 0.5 = indistinguishable), "
              "train_seconds.", "",
              "| prior | D | seeds | " + " | ".join(cols) + " |",
              "|---" * (len(cols) + 3) + "|"]
@@ -144,9 +150,11 @@ def comparison_figure(out: Path, runs: list[tuple[str, Config]], rows: list[dict
     labels = list(firsts)
     metrics = [("test_nll", "test NLL (nats)"), ("marginal_kl", "KL(q(z) || p(z))"),
                ("kl_prior_to_agg", "KL(p(z) || q(z))"), ("hole_rate", "hole rate"),
+               ("latent_precision", "latent precision"), ("latent_coverage", "latent coverage"),
+               ("latent_c2st_auc", "classifier AUC p vs q"),
                ("fd_prior", "FD prior samples"), ("fd_aggregate", "FD q(z) samples")]
     ncol = max(len(labels), 3)
-    fig = plt.figure(figsize=(3.2 * ncol, 6.8))
+    fig = plt.figure(figsize=(max(3.2 * ncol, 2.4 * len(metrics)), 6.8))
     grid_spec = fig.add_gridspec(2, 1, height_ratios=[1.1, 1])
     top = grid_spec[0].subgridspec(1, ncol)
     for i, label in enumerate(labels):
@@ -163,10 +171,10 @@ def comparison_figure(out: Path, runs: list[tuple[str, Config]], rows: list[dict
         ax = fig.add_subplot(bottom[0, j])
         means, errs = [], []
         for label in labels:
-            mean, std, _ = _stats([r[key] for r in rows
-                                   if f"{r['prior']} d{r['latent_dim']}" == label])
+            mean, std, count = _stats([r[key] for r in rows
+                                       if f"{r['prior']} d{r['latent_dim']}" == label])
             means.append(mean)
-            errs.append(std)
+            errs.append(std if count >= 2 else float("nan"))  # no bar from a single seed
         ax.bar(range(len(labels)), means, yerr=errs, color=[f"C{i}" for i in range(len(labels))],
                capsize=3)
         ax.set_xticks(range(len(labels)), [lb.split(" d")[0] for lb in labels], rotation=45,

@@ -6,7 +6,12 @@
 The diagnostics (:func:`diagnose`) compare the prior with the aggregated posterior of the
 training split: ``kl``, ``mutual_info``, ``marginal_kl``, ``kl_prior_to_agg``, ``hole_rate``,
 ``mmd``, ``active_units``, ``fd_prior``, ``fd_aggregate``, ``class_entropy_prior``,
-``class_entropy_aggregate`` (see :mod:`priorvae.diagnostics` and :mod:`priorvae.quality`).
+``class_entropy_aggregate`` (see :mod:`priorvae.diagnostics` and :mod:`priorvae.quality`),
+and the two-sample measures of :mod:`priorvae.twosample` in two spaces: ``latent_*`` (prior
+samples against one posterior draw of each held-out image) and ``feature_*`` (decoded,
+binarized prior samples against held-out images, in the quality classifier's features):
+``precision``, ``recall`` (k = 3), ``density``, ``coverage`` (k = 5), ``c2st_auc`` and
+``c2st_acc`` (classifier two-sample test; 0.5 = indistinguishable).
 """
 
 from __future__ import annotations
@@ -27,15 +32,27 @@ from .quality import (
     frechet_distance,
     get_classifier,
 )
+from .twosample import classifier_two_sample, knn_two_sample
 from .runs import load_run, read_metrics, read_run_config, resolve_device, update_metrics
 from .train import mean_elbo
 from .vae import VAE, frozen_prior
 
 __all__ = ["mean_iwae_nll", "decode_samples", "diagnose", "write_figures", "evaluate_run"]
 
+TWO_SAMPLE_KEYS = ("precision", "recall", "density", "coverage", "c2st_auc", "c2st_acc")
 DIAGNOSTIC_KEYS = ("kl", "mutual_info", "marginal_kl", "kl_prior_to_agg", "hole_rate", "mmd",
                    "active_units", "fd_prior", "fd_aggregate", "class_entropy_prior",
-                   "class_entropy_aggregate")
+                   "class_entropy_aggregate", *(f"latent_{k}" for k in TWO_SAMPLE_KEYS),
+                   *(f"feature_{k}" for k in TWO_SAMPLE_KEYS))
+
+
+def two_sample(real: torch.Tensor, fake: torch.Tensor, prefix: str) -> tuple[dict, dict]:
+    """k-NN measures and the classifier test of ``fake`` (prior side) against ``real``, named
+    ``PREFIX_precision`` ...; also the classifier's raw output (hole scores)."""
+    metrics = knn_two_sample(real, fake)
+    c2st = classifier_two_sample(fake, real)
+    metrics["c2st_auc"], metrics["c2st_acc"] = c2st["auc"], c2st["accuracy"]
+    return {f"{prefix}_{k}": metrics[k] for k in TWO_SAMPLE_KEYS}, c2st
 
 
 @torch.no_grad()
@@ -91,6 +108,11 @@ def diagnose(model: VAE, splits: Splits, classifier=None, n: int = 10_000,
     z_prior, z_agg = model.prior.sample(n), agg.sample(n)
     metrics["mmd"] = mmd(z_prior[:m], z_agg[:m])
     metrics["active_units"] = active_units(mu_te)
+    # two-sample measures in latent space: the real side is one code of each held-out image
+    m_two = min(n, len(held))
+    z_held = mu_te[:m_two] + torch.exp(0.5 * lv_te[:m_two]) * torch.randn_like(mu_te[:m_two])
+    latent, c2st = two_sample(z_held, z_prior[:m_two], "latent")
+    metrics.update(latent)
     extras = {"agg": agg, "mu_heldout": mu_te, "labels": labels, "z_prior": z_prior,
               "threshold": holes["threshold"], "log_q_prior": holes["log_q_prior"],
               "log_q_posterior": holes["log_q_posterior"]}
@@ -99,6 +121,12 @@ def diagnose(model: VAE, splits: Splits, classifier=None, n: int = 10_000,
     x_agg = decode_samples(model, z_agg[:k])
     extras["x_prior"], extras["x_agg"] = x_prior[:64], x_agg[:64]
     extras["x_orig"], extras["x_recon"] = held[:32], decode_samples(model, mu_te[:32])
+    order = c2st["hole_score"].argsort()  # held-out prior samples, most q-like first
+    pick = {"best": order[:32], "worst": order[-32:].flip(0)}
+    for key, idx in pick.items():
+        extras[f"hole_{key}"] = decode_samples(model, z_prior[c2st["p_index"][idx]])
+        extras[f"hole_{key}_scores"] = c2st["hole_score"][idx].cpu()
+    extras["latent_c2st_auc"] = c2st["auc"]
     if classifier is not None:
         f_ref, _ = features(classifier, held[:k])
         f_prior, p_prior = features(classifier, torch.bernoulli(x_prior))
@@ -107,6 +135,7 @@ def diagnose(model: VAE, splits: Splits, classifier=None, n: int = 10_000,
         metrics["fd_aggregate"] = frechet_distance(f_agg, f_ref)
         metrics["class_entropy_prior"] = class_entropy(p_prior)
         metrics["class_entropy_aggregate"] = class_entropy(p_agg)
+        metrics.update(two_sample(f_ref, f_prior, "feature")[0])
     return metrics, extras
 
 
@@ -115,7 +144,7 @@ def write_figures(extras: dict, prior, out_dir: Path, title: str = "", writer=No
     """Save the three pictures as PNG in ``out_dir`` (and to TensorBoard when given)."""
     import matplotlib.pyplot as plt
 
-    from .figures import latent_atlas, log_q_histogram, samples_figure
+    from .figures import hole_score_figure, latent_atlas, log_q_histogram, samples_figure
 
     out_dir.mkdir(parents=True, exist_ok=True)
     figs = {
@@ -126,6 +155,9 @@ def write_figures(extras: dict, prior, out_dir: Path, title: str = "", writer=No
                                      extras["threshold"], title),
         "log_q_histogram": log_q_histogram(extras["log_q_prior"], extras["log_q_posterior"],
                                            extras["threshold"], extras.get("hole_rate"), title),
+        "hole_scores": hole_score_figure(extras["hole_best"], extras["hole_best_scores"],
+                                         extras["hole_worst"], extras["hole_worst_scores"],
+                                         extras.get("latent_c2st_auc"), title),
     }
     paths = []
     for name, fig in figs.items():

@@ -6,6 +6,8 @@
   log q(z) falls below the hole threshold), the PCA plane of the posterior means otherwise.
 - :func:`log_q_histogram`: log q(z) for prior samples against posterior samples of held-out
   images, with the hole threshold.
+- :func:`hole_score_figure`: decoded prior samples sorted by the two-sample classifier's hole
+  score, the most data-like rows beside the most hole-like rows.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
-__all__ = ["samples_figure", "latent_atlas", "log_q_histogram", "grid_image"]
+__all__ = ["samples_figure", "latent_atlas", "log_q_histogram", "hole_score_figure", "grid_image"]
 
 
 def grid_image(images: torch.Tensor, nrow: int = 8):
@@ -109,5 +111,25 @@ def log_q_histogram(log_q_prior, log_q_posterior, threshold, hole_rate=None, tit
     ax.set_title((title + ": " if title else "") + "log q(z) of prior vs posterior samples"
                  + rate, fontsize=10)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return fig
+
+
+def hole_score_figure(best_images, best_scores, worst_images, worst_scores, auc=None, title=""):
+    """Two panels of decoded prior samples (N, C, H, W): the lowest hole scores (the classifier
+    takes them for q(z) samples) and the highest (prior mass that q(z) lacks: holes)."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 5.4))
+    nrow = 8
+    panels = [(best_images, best_scores, "lowest hole scores: like q(z)"),
+              (worst_images, worst_scores, "highest hole scores: in holes")]
+    for ax, (imgs, scores, name) in zip(axes, panels, strict=True):
+        ax.imshow(grid_image(imgs, nrow), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(f"{name}\nscore {scores.min().item():.2f} to {scores.max().item():.2f}",
+                     fontsize=10)
+        ax.axis("off")
+    what = "prior samples sorted by P(prior | z) of a classifier p(z) vs q(z)"
+    if auc is not None:
+        what += f" (held-out AUC {auc:.3f})"
+    fig.suptitle((title + "\n" if title else "") + what, fontsize=10)
     fig.tight_layout()
     return fig
