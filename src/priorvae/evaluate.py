@@ -32,9 +32,9 @@ from .quality import (
     frechet_distance,
     get_classifier,
 )
-from .twosample import classifier_two_sample, knn_two_sample
 from .runs import load_run, read_metrics, read_run_config, resolve_device, update_metrics
 from .train import mean_elbo
+from .twosample import classifier_two_sample, knn_two_sample
 from .vae import VAE, frozen_prior
 
 __all__ = ["mean_iwae_nll", "decode_samples", "diagnose", "write_figures", "evaluate_run"]
