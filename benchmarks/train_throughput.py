@@ -44,7 +44,7 @@ def main() -> None:
     device = resolve_device(args.device)
     cfg0 = load_config(args.config, [f"data.root={json.dumps(root)}", "data.download=false",
                                      *args.set])
-    splits = load_splits(cfg0.data.name, cfg0.data.root, False, device=device)
+    splits = load_splits(cfg0.data, device=device)
     for prior in args.priors:
         cfg = load_config(args.config, [f"data.root={json.dumps(root)}", "data.download=false",
                                         f"prior.name={prior}", *args.set])

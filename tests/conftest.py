@@ -49,3 +49,11 @@ def tiny_toml(path: Path, **tables) -> Path:
         base.setdefault(table, {}).update(body)
     path.write_text(dump_toml(base))
     return path
+
+
+def read_metrics(run_dir: Path) -> dict:
+    """metrics.json as the test sees it on disk ({} before the first write)."""
+    import json
+
+    path = Path(run_dir) / "metrics.json"
+    return json.loads(path.read_text()) if path.is_file() else {}

@@ -78,13 +78,17 @@ def test_priors_command_lists_the_registry():
     (["--set", "train.epoch=3"], "unknown key 'epoch' in [train]"),
     (["--set", "prior.name=vamprior"], "Did you mean: vampprior"),
     (["--set", "prior.n_components=3"], "prior 'standard_normal' got unknown argument"),
-    (["--set", "data.name=cifar"], "unknown data set 'cifar'"),
+    (["--set", "data.name=cifar"], "[data] name must be one of 'mnist'"),
+    (["--set", "prior.name=mog", "--set", "prior.n_componets=5"], "n_components"),
 ])
 def test_bad_input_gives_one_clear_error(tmp_path, args, message):
     config = tiny_toml(tmp_path / "c.toml")
     proc = run_cli("train", str(config), "--out", str(tmp_path / "r"), *args, check=False)
     assert proc.returncode == 2
     assert message in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    # checked before anything is written: the corrected command then works in the same folder
+    assert not (tmp_path / "r").exists()
 
 
 def test_custom_prior_from_file_trains_through_the_cli(tmp_path, capsys):

@@ -9,10 +9,10 @@ import time
 import pytest
 import torch
 
-from conftest import tiny_toml
+from conftest import read_metrics, tiny_toml
 from priorvae.config import load_config
 from priorvae.distributed import DistEnv
-from priorvae.runs import load_checkpoint, read_metrics
+from priorvae.runs import load_checkpoint
 from priorvae.train import epoch_order, local_batches, train
 
 

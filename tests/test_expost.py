@@ -10,7 +10,7 @@ from priorvae.config import load_config
 from priorvae.errors import PriorError
 from priorvae.expost import _gradient_fit, em_fit_mog, fit_prior, load_prior_source
 from priorvae.priors import build_prior
-from priorvae.runs import load_run
+from priorvae.runs import Run, load_run
 from priorvae.train import train
 
 
@@ -82,9 +82,9 @@ def test_expost_priors_shrink_holes_and_leave_the_vae_alone(trained_run):
 def test_saved_expost_prior_reloads_identically(trained_run):
     fit_prior(trained_run, "mog", {"n_components": 4}, label="mog4", progress=False,
               epochs=20)
-    vae = load_run(trained_run)
-    a = load_prior_source(trained_run, vae, "mog4")
-    b = load_prior_source(trained_run, load_run(trained_run), "mog4")
+    run = Run.open(trained_run)
+    a = load_prior_source(run, run.load_model(), "mog4")
+    b = load_prior_source(Run.open(trained_run), load_run(trained_run), "mog4")
     z = torch.randn(100, 2)
     with torch.no_grad():
         assert torch.equal(a.log_prob(z), b.log_prob(z))
@@ -94,7 +94,7 @@ def test_saved_expost_prior_reloads_identically(trained_run):
 def test_nothing_to_fit_and_bad_labels_are_refused(trained_run):
     with pytest.raises(PriorError, match="nothing to fit"):
         fit_prior(trained_run, "standard_normal", progress=False)
-    with pytest.raises(PriorError, match="reserved"):
+    with pytest.raises(PriorError, match="not 'trained' or 'aggregate'"):
         fit_prior(trained_run, "mog", label="aggregate", progress=False)
     with pytest.raises(PriorError, match="em is for the mog prior"):
         fit_prior(trained_run, "flow", method="em", progress=False)

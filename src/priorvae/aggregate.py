@@ -20,12 +20,13 @@ from torch import nn
 
 from .data import iterate_batches
 from .gaussian import mixture_log_prob
+from .registry import Prior
 
 __all__ = ["AggregatedPosterior", "encode_split"]
 
 
-class AggregatedPosterior(nn.Module):
-    """q(z) from the posterior parameters of N images.
+class AggregatedPosterior(Prior):
+    """q(z) from the posterior parameters of N images, usable wherever a prior is.
 
     Args:
         mu, logvar: (N, D) posterior means and log-variances.
@@ -34,43 +35,29 @@ class AggregatedPosterior(nn.Module):
     """
 
     def __init__(self, mu: torch.Tensor, logvar: torch.Tensor, max_elements: int = 2**24):
-        super().__init__()
         if mu.dim() != 2 or mu.shape != logvar.shape:
             raise ValueError(f"mu and logvar must both be (N, D), got {tuple(mu.shape)} and "
                              f"{tuple(logvar.shape)}")
+        super().__init__(mu.shape[1])
         self.register_buffer("mu", mu.detach())
         self.register_buffer("logvar", logvar.detach())
         self.max_elements = max_elements
-
-    @property
-    def latent_dim(self) -> int:
-        return self.mu.shape[1]
 
     def __len__(self) -> int:
         return self.mu.shape[0]
 
     @torch.no_grad()
-    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+    def _log_prob(self, z: torch.Tensor) -> torch.Tensor:
         """log q(z): (B, D) -> (B,)."""
-        if z.dim() != 2 or z.shape[1] != self.latent_dim:
-            raise ValueError(f"expected z of shape (B, {self.latent_dim}), got {tuple(z.shape)}")
         return mixture_log_prob(z.to(self.mu.dtype), self.mu, self.logvar,
                                 max_elements=self.max_elements)
 
     @torch.no_grad()
-    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    def _sample(self, n: int) -> torch.Tensor:
         """n draws: uniform data index, then z ~ q(z | x_index): (n, D)."""
-        idx = torch.randint(len(self), (n,), device=self.mu.device, generator=generator)
-        eps = torch.randn(n, self.latent_dim, device=self.mu.device, dtype=self.mu.dtype,
-                          generator=generator)
+        idx = torch.randint(len(self), (n,), device=self.mu.device)
+        eps = torch.randn(n, self.latent_dim, device=self.mu.device, dtype=self.mu.dtype)
         return self.mu[idx] + torch.exp(0.5 * self.logvar[idx]) * eps
-
-    @classmethod
-    def from_encoder(cls, encoder: nn.Module, x: torch.Tensor, batch_size: int = 1000,
-                     **kwargs) -> AggregatedPosterior:
-        """Encode the images ``x`` (N, C, H, W) (binarized once, see :func:`encode_split`)."""
-        mu, logvar = encode_split(encoder, x, batch_size)
-        return cls(mu, logvar, **kwargs)
 
 
 @torch.no_grad()

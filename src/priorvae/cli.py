@@ -3,14 +3,54 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
+import math
 import os
+import signal
 import sys
 from pathlib import Path
 
 from .errors import PriorVAEError
 
-__all__ = ["main", "default_run_dir"]
+__all__ = ["main", "default_run_dir", "Terminated"]
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the program is, so that every command cleans up as on Ctrl-C."""
+
+
+def _int_at_least(low: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < low:
+            raise argparse.ArgumentTypeError(
+                f"must be an integer >= {low}, got {text!r}")
+        return value
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+positive_int, nonnegative_int = _int_at_least(1), _int_at_least(0)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line (and exit 2), like every other error."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def default_run_dir(config_path: str | None, cfg) -> Path:
@@ -21,11 +61,11 @@ def default_run_dir(config_path: str | None, cfg) -> Path:
 
 def _cmd_train(args) -> int:
     from .config import load_config
-    from .registry import normalize_prior_name
+    from .registry import pin_prior_spec
     from .train import train
 
     cfg = load_config(args.config, args.set)
-    cfg.prior.name = normalize_prior_name(cfg.prior.name)
+    cfg.prior.name, cfg.prior.file_sha256 = pin_prior_spec(cfg.prior.name)  # the user's choice
     run_dir = Path(args.out) if args.out else default_run_dir(args.config, cfg)
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone reports
     if main_rank:
@@ -44,8 +84,9 @@ def _cmd_evaluate(args) -> int:
 
     metrics = evaluate_run(args.run_dir, iw_samples=args.iw_samples, device=args.device,
                            progress=not args.quiet, limit=args.limit,
-                           diagnostics=not args.no_diagnostics, prior_source=args.prior_source)
-    from .evaluate import DIAGNOSTIC_KEYS
+                           diagnostics=not args.no_diagnostics, prior_source=args.prior_source,
+                           trust_remote_code=args.trust_remote_code)
+    from .measure import DIAGNOSTIC_KEYS
 
     keys = ("test_elbo", "test_nll", "iw_samples", "test_images", "eval_seconds",
             *DIAGNOSTIC_KEYS)
@@ -59,41 +100,43 @@ def _cmd_sample(args) -> int:
 
     from .aggregate import AggregatedPosterior, encode_split
     from .data import load_splits
-    from .evaluate import decode_samples
-    from .runs import load_run, read_run_config
+    from .expost import load_prior_source
+    from .measure import decode_samples
+    from .runs import TRAINED, Run, atomic_write_bytes
 
-    if args.n < 1:
-        raise PriorVAEError(f"--n must be positive, got {args.n}")
-    torch.manual_seed(args.seed)
-    model = load_run(args.run_dir)
-    if args.source == "prior":
-        if args.index is not None:
-            raise PriorVAEError("--index goes with --source posterior")
-        from .expost import load_prior_source
-
-        prior = load_prior_source(args.run_dir, model, args.prior_source)
-        z = prior.sample(args.n)
-        what = "prior samples" + (f" ({args.prior_source})" if args.prior_source != "trained"
-                                  else "")
-    else:
-        cfg = read_run_config(args.run_dir)
-        splits = load_splits(cfg.data.name, cfg.data.root, cfg.data.download)
-        if args.source == "posterior":
-            if args.index is None:
-                raise PriorVAEError("--source posterior needs --index I (a test image)")
-            if not 0 <= args.index < len(splits.x_test):
-                raise PriorVAEError(f"--index must be in [0, {len(splits.x_test)}), "
-                                    f"got {args.index}")
-            mu, logvar = model.encode(splits.x_test[args.index:args.index + 1])
-            z = mu + torch.exp(0.5 * logvar) * torch.randn(args.n, mu.shape[1])
-            what = f"samples of the posterior of test image {args.index}"
-        else:
-            z = AggregatedPosterior(*encode_split(model.encoder, splits.x_train)).sample(args.n)
-            what = "aggregated-posterior samples"
-    images = decode_samples(model, z)
+    if args.index is not None and args.source != "posterior":
+        raise PriorVAEError("--index goes with --source posterior")
+    if args.source == "posterior" and args.index is None:
+        raise PriorVAEError("--source posterior needs --index I (a test image)")
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    save_image(images, str(out), nrow=args.nrow or max(1, int(round(args.n**0.5))), pad_value=1.0)
+    if out.suffix.lower() != ".png" or out.is_dir():
+        raise PriorVAEError(f"--out must name a .png file, got {args.out!r}")
+    run = Run.open(args.run_dir, args.trust_remote_code)
+    with run.lock("sample", exclusive=False):
+        torch.manual_seed(args.seed)
+        model = run.load_model()
+        if args.source == "prior":
+            z = load_prior_source(run, model, args.prior_source).sample(args.n)
+            what = "prior samples" + (f" ({args.prior_source})"
+                                      if args.prior_source != TRAINED else "")
+        else:
+            splits = load_splits(run.config.data)
+            if args.source == "posterior":
+                if not 0 <= args.index < len(splits.x_test):
+                    raise PriorVAEError(f"--index must be in [0, {len(splits.x_test)}), "
+                                        f"got {args.index}")
+                mu, logvar = model.encode(splits.x_test[args.index:args.index + 1])
+                z = mu + torch.exp(0.5 * logvar) * torch.randn(args.n, mu.shape[1])
+                what = f"samples of the posterior of test image {args.index}"
+            else:
+                z = AggregatedPosterior(*encode_split(model.encoder, splits.x_train)).sample(
+                    args.n)
+                what = "aggregated-posterior samples"
+        images = decode_samples(model, z)
+    buffer = io.BytesIO()
+    save_image(images, buffer, format="png", nrow=args.nrow or max(1, round(args.n**0.5)),
+               pad_value=1.0)
+    atomic_write_bytes(out, buffer.getvalue())
     print(f"wrote {args.n} {what} to {out}")
     return 0
 
@@ -118,7 +161,8 @@ def _cmd_fit_prior(args) -> int:
         kwargs[key] = value
     result = fit_prior(args.run_dir, args.prior, kwargs, label=args.label, method=args.method,
                        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                       patience=args.patience, device=args.device, progress=not args.quiet)
+                       patience=args.patience, device=args.device, progress=not args.quiet,
+                       trust_remote_code=args.trust_remote_code)
     print(json.dumps(result))
     print(f"evaluate it with: priorvae evaluate {args.run_dir} --prior-source {result['label']}")
     return 0
@@ -133,8 +177,11 @@ def _cmd_priors(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="priorvae", description=__doc__)
-    sub = p.add_subparsers(dest="command", required=True)
+    p = _Parser(prog="priorvae", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    trust = dict(action="store_true", help="allow prior code (a file or module) that the run "
+                 "folder names but you did not choose; only for folders whose author you trust "
+                 "(also PRIORVAE_TRUST_REMOTE_CODE=1)")
 
     t = sub.add_parser("train", help="train a VAE from a TOML config (resumes if interrupted)")
     t.add_argument("config", help="TOML file with [data] [model] [prior] [train] tables")
@@ -146,30 +193,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     e = sub.add_parser("evaluate", help="test ELBO and IWAE NLL of a run's best model")
     e.add_argument("run_dir")
-    e.add_argument("--iw-samples", type=int, help="importance samples K (default: [eval])")
+    e.add_argument("--iw-samples", type=positive_int,
+                   help="importance samples K (default: [eval])")
     e.add_argument("--device", help="cpu, cuda, ... (default: the run's [train] device)")
-    e.add_argument("--limit", type=int, help="only the first N test images")
+    e.add_argument("--limit", type=positive_int, help="only the first N test images")
     e.add_argument("--prior-source", default="trained", metavar="trained|aggregate|LABEL",
                    help="the prior to evaluate the VAE with: its own (trained), the aggregated "
                         "posterior, or an ex-post prior fitted with fit-prior")
     e.add_argument("--no-diagnostics", action="store_true",
                    help="only test ELBO and NLL, no prior-vs-aggregate diagnostics or pictures")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.add_argument("--trust-remote-code", **trust)
     e.set_defaults(func=_cmd_evaluate)
 
     s = sub.add_parser("sample", help="an image grid of samples from a run's prior, its "
                        "aggregated posterior, or one test image's posterior")
     s.add_argument("run_dir")
-    s.add_argument("--n", type=int, default=64)
+    s.add_argument("--n", type=positive_int, default=64)
     s.add_argument("--out", required=True, help="PNG file")
-    s.add_argument("--nrow", type=int, help="images per row")
-    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--nrow", type=positive_int, help="images per row")
+    s.add_argument("--seed", type=nonnegative_int, default=0)
     s.add_argument("--source", choices=["prior", "aggregate", "posterior"], default="prior",
                    help="prior p(z) (default); aggregate q(z) of the training split; "
                         "posterior q(z|x_I) of test image --index I ('digits like this one')")
-    s.add_argument("--index", type=int, help="test image index, with --source posterior")
+    s.add_argument("--index", type=nonnegative_int,
+                   help="test image index, with --source posterior")
     s.add_argument("--prior-source", default="trained", metavar="trained|aggregate|LABEL",
                    help="with --source prior: the run's own prior, q(z), or an ex-post prior")
+    s.add_argument("--trust-remote-code", **trust)
     s.set_defaults(func=_cmd_sample)
 
     c = sub.add_parser("compare", help="train and evaluate the grid of a config's [compare] "
@@ -189,12 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--as", dest="label", help="label of the fitted prior (default expost-NAME)")
     f.add_argument("--method", default="auto", choices=["auto", "em", "gradient"],
                    help="auto: EM for mog, gradient (Adam) otherwise")
-    f.add_argument("--epochs", type=int, default=100, help="epochs (EM: iterations)")
-    f.add_argument("--batch-size", type=int, default=1000)
-    f.add_argument("--lr", type=float, default=1e-3)
-    f.add_argument("--patience", type=int, default=10)
+    f.add_argument("--epochs", type=positive_int, default=100, help="epochs (EM: iterations)")
+    f.add_argument("--batch-size", type=positive_int, default=1000)
+    f.add_argument("--lr", type=_positive_float, default=1e-3)
+    f.add_argument("--patience", type=nonnegative_int, default=10)
     f.add_argument("--device")
     f.add_argument("--quiet", action="store_true")
+    f.add_argument("--trust-remote-code", **trust)
     f.set_defaults(func=_cmd_fit_prior)
 
     r = sub.add_parser("priors", help="list the registered priors")
@@ -203,15 +255,34 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    previous = None
+    if threading_is_main():  # a handler can only be set from the main thread
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return args.func(args)
     except PriorVAEError as exc:
         print(f"priorvae {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"priorvae {args.command}: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         return 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def threading_is_main() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ resumes where it stopped. At the end: ``results.csv`` (one row per run), ``resul
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import time
@@ -27,23 +28,37 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from .config import Config, PriorConfig, load_config
-from .errors import ConfigError
-from .runs import read_metrics
+import torch
 
-__all__ = ["grid", "run_compare", "write_results", "RESULT_COLUMNS"]
+from .config import Config, PriorConfig, load_config, validate
+from .errors import ConfigError, PriorVAEError, RunError
+from .measure import DIAGNOSTIC_KEYS
+from .registry import pin_prior_spec
+from .runs import AGGREGATE, EXPOST_PREFIX, FINISHED, TRAINED, Run, atomic_write_bytes
 
-RESULT_COLUMNS = ["prior", "seed", "latent_dim", "test_elbo", "test_nll", "kl", "mutual_info",
-                  "marginal_kl", "kl_prior_to_agg", "hole_rate", "mmd", "active_units",
-                  "fd_prior", "fd_aggregate", "class_entropy_prior", "latent_precision",
-                  "latent_recall", "latent_density", "latent_coverage", "latent_c2st_auc",
-                  "feature_precision", "feature_recall", "feature_density", "feature_coverage",
-                  "feature_c2st_auc", "train_seconds", "epochs_trained", "iw_samples"]
+__all__ = ["grid", "check_grid", "run_compare", "write_results", "RESULT_COLUMNS"]
+
+RESULT_COLUMNS = ["prior", "seed", "latent_dim", "test_elbo", "test_nll",
+                  *(k for k in DIAGNOSTIC_KEYS if k != "class_entropy_aggregate"),
+                  "train_seconds", "epochs_trained", "iw_samples"]
 _COMPARE_KEYS = {"priors", "seeds", "latent_dims", "args", "expost", "expost_on"}
 
 
+def _unique_list(key: str, value, kind: str, low: int | None = None) -> list:
+    ok = isinstance(value, list) and value and all(
+        (isinstance(v, str) and v.strip()) if kind == "str" else
+        (isinstance(v, int) and not isinstance(v, bool) and (low is None or v >= low))
+        for v in value)
+    what = ("names" if kind == "str" else f"integers >= {low}")
+    if not ok:
+        raise ConfigError(f"[compare] {key} must be a non-empty list of {what}, got {value!r}")
+    if len(set(value)) != len(value):
+        raise ConfigError(f"[compare] {key} lists a value twice: {value!r}")
+    return value
+
+
 def grid(cfg: Config) -> list[tuple[str, Config]]:
-    """(run name, config) for every cell of the ``[compare]`` grid."""
+    """(run name, config) for every cell of the ``[compare]`` grid, every value checked."""
     spec = cfg.extra.get("compare")
     if not spec:
         raise ConfigError("the config has no [compare] table; add e.g.\n[compare]\n"
@@ -52,34 +67,79 @@ def grid(cfg: Config) -> list[tuple[str, Config]]:
     if unknown:
         raise ConfigError(f"unknown key(s) {sorted(unknown)} in [compare]; valid keys: "
                           f"{', '.join(sorted(_COMPARE_KEYS))}")
-    priors = spec.get("priors", [cfg.prior.name])
-    seeds = spec.get("seeds", [cfg.train.seed])
+    priors = _unique_list("priors", spec.get("priors", [cfg.prior.name]), "str")
+    seeds = _unique_list("seeds", spec.get("seeds", [cfg.train.seed]), "int", 0)
     dims = spec.get("latent_dims")
+    if dims is not None:
+        _unique_list("latent_dims", dims, "int", 1)
     args = spec.get("args", {})
-    for key, value in (("priors", priors), ("seeds", seeds), ("latent_dims", dims or [1])):
-        if not isinstance(value, list) or not value:
-            raise ConfigError(f"[compare] {key} must be a non-empty list, got {value!r}")
-    from .registry import normalize_prior_name
-
+    if not isinstance(args, dict) or not all(isinstance(v, dict) for v in args.values()):
+        raise ConfigError("[compare.args.PRIOR] must be tables of a prior's arguments")
+    shorts = {p.rpartition(":")[2] for p in priors} | set(priors)
+    stray = [k for k in args if k not in shorts]
+    if stray:
+        raise ConfigError(f"[compare.args.{stray[0]}] names a prior that is not in [compare] "
+                          f"priors ({', '.join(priors)})")
     runs = []
-    for prior in map(normalize_prior_name, priors):
+    for prior in priors:
+        pinned, sha = pin_prior_spec(prior)
         short = prior.rpartition(":")[2]
         kwargs = dict(args.get(prior, args.get(short, cfg.prior.kwargs
                                                 if prior == cfg.prior.name else {})))
         for dim in dims or [cfg.model.latent_dim]:
             for seed in seeds:
-                run_cfg = replace(cfg, prior=PriorConfig(prior, kwargs),
+                run_cfg = replace(cfg, prior=PriorConfig(pinned, kwargs, sha),
                                   model=replace(cfg.model, latent_dim=dim),
                                   train=replace(cfg.train, seed=seed), extra={})
-                label = prior.rpartition(":")[2]
-                name = f"{label}-d{dim}-seed{seed}" if dims else f"{label}-seed{seed}"
+                validate(run_cfg)
+                name = f"{short}-d{dim}-seed{seed}" if dims else f"{short}-seed{seed}"
                 runs.append((name, run_cfg))
     return runs
 
 
-def _row(name: str, cfg: Config, metrics: dict, source: str = "trained") -> dict[str, Any]:
+def _expost_plan(cfg: Config, runs: list[tuple[str, Config]]) -> tuple[list[str], set | None]:
+    spec = cfg.extra["compare"]
+    expost = spec.get("expost", [])
+    if expost:
+        _unique_list("expost", expost, "str")
+    expost_on = spec.get("expost_on")
+    if expost_on is not None:
+        _unique_list("expost_on", expost_on, "str")
+        names = {c.prior.name for _, c in runs} | {c.prior.name.rpartition(":")[2]
+                                                   for _, c in runs}
+        missing = [p for p in expost_on if p not in names]
+        if missing:
+            raise ConfigError(f"[compare] expost_on names {missing[0]!r}, which is not in "
+                              f"[compare] priors")
+        expost_on = {pin_prior_spec(p)[0] for p in expost_on}
+    return expost, expost_on
+
+
+def check_grid(runs: list[tuple[str, Config]], expost: list[str]) -> None:
+    """Build every cell's networks and prior (and every ex-post prior) once, so that a bad
+    argument anywhere in the grid is refused before the first run starts."""
+    from .data import input_shape
+    from .registry import PriorContext, build_prior
+    from .vae import build_vae
+
+    for name, run_cfg in runs:
+        try:
+            shape = input_shape(run_cfg.data.name)
+            model = build_vae(run_cfg, shape)
+            for label in expost:
+                if label != AGGREGATE:
+                    ctx = PriorContext(encoder=model.encoder, input_shape=shape,
+                                       data=torch.zeros(1, *shape))
+                    pinned, sha = pin_prior_spec(label)
+                    build_prior(pinned, latent_dim=run_cfg.model.latent_dim, context=ctx,
+                                file_sha256=sha)
+        except PriorVAEError as exc:
+            raise ConfigError(f"grid cell {name}: {exc}") from None
+
+
+def _row(name: str, cfg: Config, metrics: dict, source: str = TRAINED) -> dict[str, Any]:
     prior = cfg.prior.name.rpartition(":")[2]
-    row = {"prior": prior if source == "trained" else f"{prior}+{source}", "seed": cfg.train.seed,
+    row = {"prior": prior if source == TRAINED else f"{prior}+{source}", "seed": cfg.train.seed,
            "latent_dim": cfg.model.latent_dim, "run": name}
     for col in RESULT_COLUMNS[3:]:
         row[col] = metrics.get(col)
@@ -106,10 +166,11 @@ def _mean_std(values: list) -> str:
 
 def write_results(out: Path, rows: list[dict[str, Any]], title: str = "") -> None:
     """results.csv (one row per run) and results.md (mean ± std over seeds per prior/dim)."""
-    with open(out / "results.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=[*RESULT_COLUMNS, "run"])
-        writer.writeheader()
-        writer.writerows(rows)
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=[*RESULT_COLUMNS, "run"])
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_bytes(out / "results.csv", buffer.getvalue().encode())
     cols = ["test_nll", "test_elbo", "kl", "mutual_info", "marginal_kl", "kl_prior_to_agg",
             "hole_rate", "latent_precision", "latent_recall", "latent_coverage",
             "latent_c2st_auc", "mmd", "active_units", "fd_prior", "fd_aggregate",
@@ -128,7 +189,7 @@ def write_results(out: Path, rows: list[dict[str, Any]], title: str = "") -> Non
     for (prior, dim), group in groups.items():
         cells = [_mean_std([r[c] for r in group]) for c in cols]
         lines.append(f"| {prior} | {dim} | {len(group)} | " + " | ".join(cells) + " |")
-    (out / "results.md").write_text("\n".join(lines) + "\n")
+    atomic_write_bytes(out / "results.md", ("\n".join(lines) + "\n").encode())
 
 
 def comparison_figure(out: Path, runs: list[tuple[str, Config]], rows: list[dict]) -> Path:
@@ -139,9 +200,8 @@ def comparison_figure(out: Path, runs: list[tuple[str, Config]], rows: list[dict
     import matplotlib.pyplot as plt
     import torch
 
-    from .evaluate import decode_samples
     from .figures import grid_image
-    from .runs import load_run
+    from .measure import decode_samples
 
     firsts: dict[str, tuple[str, Config]] = {}
     for name, cfg in runs:
@@ -160,7 +220,7 @@ def comparison_figure(out: Path, runs: list[tuple[str, Config]], rows: list[dict
     for i, label in enumerate(labels):
         name, _ = firsts[label]
         torch.manual_seed(0)
-        model = load_run(out / name)
+        model = Run.open(out / name).load_model()
         images = decode_samples(model, model.prior.sample(36))
         ax = fig.add_subplot(top[0, i])
         ax.imshow(grid_image(images, 6), cmap="gray", vmin=0, vmax=1)
@@ -182,39 +242,47 @@ def comparison_figure(out: Path, runs: list[tuple[str, Config]], rows: list[dict
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     path = out / "comparison.png"
-    fig.savefig(path, dpi=100)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
     plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
     return path
+
+
+def _evaluated(metrics: dict) -> bool:
+    """Finished, evaluated on its best model, with every diagnostic of this version."""
+    return (metrics.get("status") in FINISHED and "latent_c2st_auc" in metrics
+            and metrics.get("evaluated_epoch", metrics.get("best_epoch")) == metrics.get(
+                "best_epoch"))
 
 
 def run_compare(config_path: str | Path, overrides: list[str] | None = None,
                 out: str | Path | None = None, progress: bool = True) -> Path:
-    """Train and evaluate every run of the grid (skipping finished ones); write the results."""
+    """Train and evaluate every run of the grid (skipping finished ones); write the results.
+    The whole grid is checked (every cell built) before anything is written."""
     from .evaluate import evaluate_run
     from .expost import fit_prior
-    from .registry import normalize_prior_name
     from .train import train
 
     cfg = load_config(config_path, overrides)
-    cfg.prior.name = normalize_prior_name(cfg.prior.name)
     out = Path(out) if out else Path("runs") / f"{Path(config_path).stem}-compare"
     runs = grid(cfg)
-    expost_names = cfg.extra["compare"].get("expost", [])
-    if not isinstance(expost_names, list):
-        raise ConfigError(f"[compare] expost must be a list, got {expost_names!r}")
-    expost_on = cfg.extra["compare"].get("expost_on")
-    if expost_on is not None:
-        if not isinstance(expost_on, list):
-            raise ConfigError(f"[compare] expost_on must be a list of priors, got {expost_on!r}")
-        expost_on = {normalize_prior_name(p) for p in expost_on}
-    out.mkdir(parents=True, exist_ok=True)
+    expost_names, expost_on = _expost_plan(cfg, runs)
+    check_grid(runs, expost_names)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out} is a file, not a folder; choose another --out")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise RunError(f"could not create {out}: {exc.strerror}") from None
     header = "".join(f"# --set {o}\n" for o in overrides or [])
-    (out / "compare.toml").write_text(header + Path(config_path).read_text())
+    atomic_write_bytes(out / "compare.toml",
+                       (header + Path(config_path).read_text(encoding="utf-8")).encode())
     rows = []
     for i, (name, run_cfg) in enumerate(runs, start=1):
         run_dir = out / name
-        metrics = read_metrics(run_dir)
-        done = metrics.get("status") in ("finished", "early_stopped") and "fd_prior" in metrics
+        metrics = Run.open(run_dir).metrics() if (run_dir / "config.toml").is_file() else {}
+        done = _evaluated(metrics)
         print(f"[{i}/{len(runs)}] {name}: " + ("done, skipped" if done else "training"),
               flush=True)
         if not done:
@@ -224,11 +292,13 @@ def run_compare(config_path: str | Path, overrides: list[str] | None = None,
             print(f"[{i}/{len(runs)}] {name}: test NLL {metrics['test_nll']:.2f}, hole rate "
                   f"{metrics['hole_rate']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
         rows.append(_row(name, run_cfg, metrics))
-        for expost in expost_names if expost_on is None or run_cfg.prior.name in expost_on else []:
-            label = "aggregate" if expost == "aggregate" else f"expost-{expost}"
-            saved = read_metrics(run_dir).get("prior_sources", {}).get(label, {})
-            if "fd_prior" not in saved:
-                if label != "aggregate":
+        if expost_on is not None and run_cfg.prior.name not in expost_on:
+            continue
+        for expost in expost_names:
+            label = AGGREGATE if expost == AGGREGATE else f"{EXPOST_PREFIX}{expost}"
+            saved = Run.open(run_dir).metrics().get("prior_sources", {}).get(label, {})
+            if "latent_c2st_auc" not in saved:
+                if label != AGGREGATE:
                     fit_prior(run_dir, expost, progress=progress)
                 saved = evaluate_run(run_dir, progress=progress, prior_source=label)
                 print(f"[{i}/{len(runs)}] {name} with {label}: test NLL {saved['test_nll']:.2f}, "
@@ -238,6 +308,6 @@ def run_compare(config_path: str | Path, overrides: list[str] | None = None,
             rows.append(row)
     write_results(out, rows, title=f"{Path(config_path).name}: {cfg.data.name}")
     comparison_figure(out, runs, rows)
-    (out / "results.json").write_text(json.dumps(rows, indent=1) + "\n")
+    atomic_write_bytes(out / "results.json", (json.dumps(rows, indent=1) + "\n").encode())
     print(f"wrote {out / 'results.csv'}, {out / 'results.md'}, {out / 'comparison.png'}")
     return out

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,58 +37,85 @@ __all__ = [
     "apply_overrides",
     "parse_override",
     "dump_toml",
+    "validate",
+    "validate_value",
+    "describe",
+    "TABLES",
+    "DATASETS",
 ]
 
 # Tables that belong to other commands; `train` keeps them but does not interpret them.
 PASSIVE_TABLES = ("compare",)
+# [prior] keys that priorvae owns; every other key is an argument of the prior
+PRIOR_RESERVED = ("name", "file_sha256")
+
+
+def option(default: Any, *, choices: tuple | None = None, low: float | None = None,
+           high: float | None = None, low_open: bool = False, pattern: str | None = None,
+           item_low: int | None = None, nonempty: bool = False, doc: str = ""):
+    """A config field with its declared domain: ``choices`` (allowed values), ``low``/``high``
+    (bounds; ``low_open`` excludes ``low``), ``pattern`` (regular expression for strings),
+    ``item_low`` and ``nonempty`` (lists). :func:`validate_value` enforces them."""
+    meta = {"choices": choices, "low": low, "high": high, "low_open": low_open,
+            "pattern": pattern, "item_low": item_low, "nonempty": nonempty, "doc": doc}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+DATASETS = ("mnist", "fashion_mnist", "digits")
 
 
 @dataclass
 class DataConfig:
-    name: str = "mnist"  # mnist | fashion_mnist | digits
-    root: str | None = None  # else $PRIORVAE_DATA, else the user cache folder
-    download: bool = True
+    name: str = option("mnist", choices=DATASETS)
+    root: str | None = option(None, doc="else $PRIORVAE_DATA, else the user cache folder")
+    download: bool = option(True)
 
 
 @dataclass
 class ModelConfig:
-    family: str = "mlp"  # mlp | conv
-    hidden: list[int] = field(default_factory=lambda: [300, 300])
-    latent_dim: int = 40
-    activation: str = "gated"  # gated | relu
-    logvar_min: float = -6.0  # encoder log-variance bounds (Hardtanh), as in the VampPrior code
-    logvar_max: float = 2.0
-    channels: list[int] = field(default_factory=lambda: [32, 64])  # conv family only
+    family: str = option("mlp", choices=("mlp", "conv"))
+    hidden: list[int] = option([300, 300], item_low=1, nonempty=True)
+    latent_dim: int = option(40, low=1, high=4096)
+    activation: str = option("gated", choices=("gated", "relu"))
+    # encoder log-variance bounds (Hardtanh), as in the VampPrior code
+    logvar_min: float = option(-6.0, low=-30.0, high=30.0)
+    logvar_max: float = option(2.0, low=-30.0, high=30.0)
+    channels: list[int] = option([32, 64], item_low=1, nonempty=True, doc="conv family only")
 
 
 @dataclass
 class PriorConfig:
     name: str = "standard_normal"
     kwargs: dict[str, Any] = field(default_factory=dict)
+    file_sha256: str | None = None  # a file.py:Class prior: the file's hash when it was chosen
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 100
-    batch_size: int = 100
-    lr: float = 5e-4
-    warmup_epochs: int = 0
-    patience: int = 50
-    seed: int = 0
-    device: str = "auto"  # auto | cpu | cuda | cuda:N
-    val_batch_size: int = 1000
-    image_every: int = 5  # epochs between image grids in TensorBoard
-    diagnostics_every: int = 10  # epochs between prior-vs-aggregate diagnostics (0: never)
-    grad_norm: str = "none"  # none | unit: each parameter's gradient scaled to unit L2 norm
-    #                          before Adam ("AdamNormGrad" of the VampPrior code)
-    precision: str = "float32"  # float32 | bf16 (autocast for training; evaluation is float32)
-    compile: bool = False  # torch.compile the forward/backward (CUDA: with CUDA graphs)
+    epochs: int = option(100, low=1)
+    batch_size: int = option(100, low=1)
+    lr: float = option(5e-4, low=0.0, low_open=True, high=10.0)
+    warmup_epochs: int = option(0, low=0)
+    patience: int = option(50, low=0, doc="0: no early stopping")
+    seed: int = option(0, low=0, high=2**63 - 1)
+    device: str = option("auto", pattern=r"auto|cpu|cuda(:\d+)?|mps",
+                         doc="auto | cpu | cuda | cuda:N | mps")
+    val_batch_size: int = option(1000, low=1)
+    image_every: int = option(5, low=0, doc="epochs between image grids (0: never)")
+    diagnostics_every: int = option(10, low=0, doc="epochs between diagnostics (0: never)")
+    # unit: each parameter's gradient scaled to unit L2 norm before Adam ("AdamNormGrad")
+    grad_norm: str = option("none", choices=("none", "unit"))
+    # bf16: autocast for training; evaluation is float32
+    precision: str = option("float32", choices=("float32", "bf16"))
+    compile: bool = option(False, doc="torch.compile the forward/backward (CUDA: CUDA graphs)")
 
 
 @dataclass
 class EvalConfig:
-    iw_samples: int = 5000
-    batch_size: int = 100
+    iw_samples: int = option(5000, low=1)
+    batch_size: int = option(100, low=1)
 
 
 @dataclass
@@ -106,13 +135,14 @@ class Config:
                 continue
             value = dataclasses.asdict(getattr(self, f.name))
             if f.name == "prior":
-                value = {"name": value["name"], **value["kwargs"]}
+                value = {"name": value["name"], **value["kwargs"],
+                         "file_sha256": value["file_sha256"]}
             out[f.name] = {k: v for k, v in value.items() if v is not None}
         out.update(self.extra)
         return out
 
 
-_TABLES = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig}
+TABLES = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig}
 
 
 def _suggest(word: str, options: list[str]) -> str:
@@ -120,36 +150,95 @@ def _suggest(word: str, options: list[str]) -> str:
     return f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
 
 
-def _check_type(table: str, key: str, value: Any, default: Any, annotation: str) -> Any:
-    where = f"[{table}] {key}"
-    if "list[int]" in annotation:
+def describe(f: dataclasses.Field) -> str:
+    """What a field accepts, in words (for error messages and ``--help``)."""
+    m, kind = f.metadata, str(f.type)
+    if m.get("choices"):
+        return "one of " + ", ".join(repr(c) for c in m["choices"])
+    if "list[int]" in kind:
+        low = m.get("item_low")
+        return ("a non-empty " if m.get("nonempty") else "a ") + "list of integers" + (
+            f" >= {low}" if low is not None else "")
+    if kind == "bool":
+        return "true or false"
+    if m.get("pattern"):
+        return m.get("doc") or f"a string matching {m['pattern']}"
+    base = {"int": "an integer", "float": "a finite number"}.get(kind, "a string")
+    low, high = m.get("low"), m.get("high")
+    if low is not None and high is not None:
+        return f"{base} in {'(' if m.get('low_open') else '['}{low:g}, {high:g}]"
+    if low is not None:
+        return f"{base} {'>' if m.get('low_open') else '>='} {low:g}"
+    return base
+
+
+def validate_value(table: str, f: dataclasses.Field, value: Any) -> Any:
+    """``value`` for field ``f`` of ``[table]`` if it lies in the declared domain, else a
+    :class:`ConfigError` of one line naming ``[table] key`` and what is accepted."""
+    m, kind = f.metadata, str(f.type)
+
+    def bad() -> ConfigError:
+        return ConfigError(f"[{table}] {f.name} must be {describe(f)}, got {value!r}")
+
+    if value is None and "None" in kind:
+        return None
+    if "list[int]" in kind:
         if not isinstance(value, list) or not all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value
-        ):
-            raise ConfigError(f"{where} must be a list of integers, got {value!r}")
-        return value
-    if isinstance(default, bool) or annotation == "bool":
+                isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise bad()
+        if (m.get("nonempty") and not value) or (
+                m.get("item_low") is not None and any(v < m["item_low"] for v in value)):
+            raise bad()
+        return list(value)
+    if kind == "bool":
         if not isinstance(value, bool):
-            raise ConfigError(f"{where} must be true or false, got {value!r}")
+            raise bad()
         return value
-    if isinstance(default, int):
+    if kind == "int":
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{where} must be an integer, got {value!r}")
-        return value
-    if isinstance(default, float):
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where} must be a number, got {value!r}")
-        return float(value)
-    if "str" in annotation:
-        if not isinstance(value, str):
-            raise ConfigError(f"{where} must be a string, got {value!r}")
-        return value
+            raise bad()
+    elif kind == "float":
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value):
+            raise bad()
+        value = float(value)
+    elif not isinstance(value, str):
+        raise bad()
+    if m.get("choices") and value not in m["choices"]:
+        raise ConfigError(f"[{table}] {f.name} must be {describe(f)}, got {value!r}"
+                          f"{_suggest(str(value), [str(c) for c in m['choices']])}")
+    if m.get("pattern") and not re.fullmatch(m["pattern"], value):
+        raise bad()
+    low, high = m.get("low"), m.get("high")
+    if low is not None and (value < low or (m.get("low_open") and value == low)):
+        raise bad()
+    if high is not None and value > high:
+        raise bad()
     return value
 
 
+def validate(cfg: Config) -> Config:
+    """Every field of every table in its declared domain, and the rules that tie fields
+    together; raises a one-line :class:`ConfigError` for the first violation."""
+    for table, cls in TABLES.items():
+        body = getattr(cfg, table)
+        for f in dataclasses.fields(cls):  # values come back normalised (int -> float)
+            setattr(body, f.name, validate_value(table, f, getattr(body, f.name)))
+    if cfg.model.logvar_min >= cfg.model.logvar_max:
+        raise ConfigError(f"[model] logvar_min ({cfg.model.logvar_min:g}) must be below "
+                          f"logvar_max ({cfg.model.logvar_max:g})")
+    if not isinstance(cfg.prior.name, str) or not cfg.prior.name.strip():
+        raise ConfigError(f"[prior] name must be a prior's name, got {cfg.prior.name!r}")
+    sha = cfg.prior.file_sha256
+    if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+        raise ConfigError(f"[prior] file_sha256 must be 64 hexadecimal digits, got {sha!r}")
+    return cfg
+
+
 def config_from_dict(raw: dict[str, Any]) -> Config:
-    """Build a :class:`Config` from a nested dict, rejecting unknown tables and keys by name."""
-    valid_tables = [*_TABLES, "prior", *PASSIVE_TABLES]
+    """Build a validated :class:`Config` from a nested dict, rejecting unknown tables and keys
+    by name and every value outside its field's declared domain."""
+    valid_tables = [*TABLES, "prior", *PASSIVE_TABLES]
     cfg = Config()
     for table, body in raw.items():
         if table not in valid_tables:
@@ -165,26 +254,22 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
         if table == "prior":
             body = dict(body)
             name = body.pop("name", "standard_normal")
+            sha = body.pop("file_sha256", None)
             if not isinstance(name, str):
                 raise ConfigError(f"[prior] name must be a string, got {name!r}")
-            cfg.prior = PriorConfig(name=name, kwargs=body)
+            cfg.prior = PriorConfig(name=name, kwargs=body, file_sha256=sha)
             continue
-        cls = _TABLES[table]
+        cls = TABLES[table]
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        defaults = cls()
-        values = {}
-        for key, value in body.items():
+        for key in body:
             if key not in fields:
                 names = list(fields)
                 raise ConfigError(
                     f"unknown key '{key}' in [{table}]{_suggest(key, names)}; "
                     f"valid keys: {', '.join(names)}"
                 )
-            values[key] = _check_type(
-                table, key, value, getattr(defaults, key), str(fields[key].type)
-            )
-        setattr(cfg, table, dataclasses.replace(defaults, **values))
-    return cfg
+        setattr(cfg, table, dataclasses.replace(cls(), **body))
+    return validate(cfg)
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
@@ -219,9 +304,14 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            raw = tomllib.loads(path.read_text())
+            raw = tomllib.loads(path.read_bytes().decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}); save it as "
+                              f"UTF-8") from None
         except tomllib.TOMLDecodeError as exc:
             raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from None
     return config_from_dict(apply_overrides(raw, overrides or []))
 
 

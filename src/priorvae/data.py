@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from .config import DataConfig
 from .errors import DataError
 
 __all__ = [
@@ -155,17 +156,22 @@ def _load_digits() -> tuple[torch.Tensor, ...]:
 
 
 def load_splits(
-    name: str = "mnist",
+    name: DataConfig | str = "mnist",
     root: str | os.PathLike | None = None,
     download: bool = True,
     device: torch.device | str = "cpu",
 ) -> Splits:
     """Load a data set's train / validation / test splits onto ``device``.
 
+    ``name`` is a config's ``[data]`` table (``load_splits(cfg.data)``) or a data set's name
+    (then ``root`` and ``download`` apply).
+
     Returns:
         :class:`Splits` with ``x_train`` (N_train, C, H, W) grey levels, ``x_val`` and
         ``x_test`` binarized once with a fixed seed, and integer labels.
     """
+    if isinstance(name, DataConfig):
+        name, root, download = name.name, name.root, name.download
     if name not in DATASETS:
         raise DataError(f"unknown data set {name!r}; known: {', '.join(DATASETS)}")
     if name == "digits":

@@ -6,8 +6,9 @@ by maximum likelihood. Any learnable prior of the registry serves (``mog``, ``fl
 one); ``mog`` can also use EM. Every epoch draws fresh codes z = mu + sigma * eps from the
 (frozen) posteriors; codes of the validation images (one fixed draw) give early stopping.
 
-The fitted prior is saved as ``RUN_DIR/priors/LABEL.pt`` (default label ``expost-NAME``) and
-becomes a *prior source* of the run, next to ``trained`` (the prior learned with the VAE) and
+The fitted prior is saved as ``RUN_DIR/priors/LABEL.toml`` (its name and arguments, data) and
+``RUN_DIR/priors/LABEL.pt`` (its weights; default label ``expost-NAME``) and becomes a *prior
+source* of the run, next to ``trained`` (the prior learned with the VAE) and
 ``aggregate`` (the aggregated posterior itself, which needs no fitting). The VAE's weights are
 never changed.
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -30,15 +32,27 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .aggregate import AggregatedPosterior, encode_split
-from .data import load_splits
+from .config import dump_toml, tomllib
+from .data import input_shape, load_splits
 from .errors import PriorError, RunError
 from .gaussian import component_log_probs
-from .registry import PriorContext, build_prior
-from .runs import load_checkpoint, load_run, read_run_config, resolve_device, save_checkpoint
+from .registry import PriorContext, build_prior, pin_prior_spec
+from .runs import (
+    AGGREGATE,
+    EXPOST_PREFIX,
+    TRAINED,
+    Run,
+    atomic_write_bytes,
+    check_prior_code,
+    load_checkpoint,
+    load_weights,
+    resolve_device,
+    save_checkpoint,
+)
 
-__all__ = ["fit_prior", "em_fit_mog", "load_prior_source", "prior_sources", "PRIORS_DIR"]
+__all__ = ["fit_prior", "em_fit_mog", "load_prior_source", "prior_sources"]
 
-PRIORS_DIR = "priors"
+_LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 
 
 def _frozen(module: nn.Module) -> nn.Module:
@@ -125,69 +139,87 @@ def _kmeans_pp(z: torch.Tensor, k: int, sample: int = 20_000) -> torch.Tensor:
 def fit_prior(run_dir: str | Path, name: str, kwargs: dict[str, Any] | None = None,
               label: str | None = None, method: str = "auto", epochs: int = 100,
               batch_size: int = 1000, lr: float = 1e-3, patience: int = 10,
-              device: str | None = None, seed: int = 0, progress: bool = True) -> dict:
+              device: str | None = None, seed: int = 0, progress: bool = True,
+              trust_remote_code: bool = False) -> dict:
     """Fit the registered prior ``name`` to the run's aggregated posterior and save it.
 
     Returns:
         dict with ``label``, ``path``, ``val_nll`` (nats per validation code), ``epochs``,
         ``method``, ``seconds``.
     """
-    run_dir = Path(run_dir)
-    cfg = read_run_config(run_dir)
-    dev = resolve_device(device or cfg.train.device)
+    _check_positive(epochs=epochs, batch_size=batch_size)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) \
+            or lr <= 0:
+        raise PriorError(f"--lr must be a finite number > 0, got {lr!r}")
+    if isinstance(patience, bool) or not isinstance(patience, int) or patience < 0:
+        raise PriorError(f"--patience must be an integer >= 0, got {patience!r}")
+    if method not in ("auto", "em", "gradient"):
+        raise PriorError(f"--method must be auto, em or gradient, got {method!r}")
     kwargs = dict(kwargs or {})
-    label = label or f"expost-{name.rpartition(':')[2]}"
-    if label in ("trained", "aggregate") or "/" in label:
-        raise PriorError(f"--as {label!r} is reserved or not a plain name; choose another label")
-    model = load_run(run_dir, device=str(dev))
-    splits = load_splits(cfg.data.name, cfg.data.root, cfg.data.download, device=dev)
-    torch.manual_seed(seed)
-    context = PriorContext(encoder=_frozen(model.encoder), input_shape=splits.input_shape,
-                           data=splits.x_train)
-    prior = build_prior(name, latent_dim=cfg.model.latent_dim, context=context, **kwargs).to(dev)
-    params = [p for p in prior.parameters() if p.requires_grad]
-    if not params:
-        raise PriorError(f"prior {name!r} has nothing to fit (no learnable parameters); use it "
-                         f"as it is, or fit a learnable prior such as mog or flow")
+    name, sha = pin_prior_spec(name)  # the user chose it here: pinned with its hash
+    label = label or f"{EXPOST_PREFIX}{name.rpartition(':')[2]}"
+    if label in (TRAINED, AGGREGATE) or not _LABEL.fullmatch(label):
+        raise PriorError(f"--as {label!r}: a label is 1-64 letters, digits, '_', '.', '+', '-' "
+                         f"(not starting with a symbol) and not 'trained' or 'aggregate'")
     if method == "auto":
         method = "em" if name == "mog" else "gradient"
     if method == "em" and name != "mog":
         raise PriorError(f"--method em is for the mog prior, not {name!r}")
-    if method not in ("em", "gradient"):
-        raise PriorError(f"--method must be auto, em or gradient, got {method!r}")
+    run = Run.open(run_dir, trust_remote_code)
+    cfg = run.config
+    with run.lock("fit-prior"):
+        dev = resolve_device(device or cfg.train.device)
+        model = run.load_model("best", dev)
+        splits = load_splits(cfg.data, device=dev)
+        torch.manual_seed(seed)
+        context = PriorContext(encoder=_frozen(model.encoder), input_shape=splits.input_shape,
+                               data=splits.x_train)
+        prior = build_prior(name, latent_dim=cfg.model.latent_dim, context=context,
+                            file_sha256=sha, **kwargs).to(dev)
+        params = [p for p in prior.parameters() if p.requires_grad]
+        if not params:
+            raise PriorError(f"prior {name!r} has nothing to fit (no learnable parameters); use "
+                             f"it as it is, or fit a learnable prior such as mog or flow")
+        mu_tr, lv_tr = encode_split(model.encoder, splits.x_train)
+        mu_va, lv_va = encode_split(model.encoder, splits.x_val)
+        z_val = _draw(mu_va, lv_va, torch.Generator(device=dev).manual_seed(seed + 1))
+        from torch.utils.tensorboard import SummaryWriter
 
-    mu_tr, lv_tr = encode_split(model.encoder, splits.x_train)
-    mu_va, lv_va = encode_split(model.encoder, splits.x_val)
-    z_val = _draw(mu_va, lv_va, torch.Generator(device=dev).manual_seed(seed + 1))
-    from torch.utils.tensorboard import SummaryWriter
+        spec_path, weights_path = run.prior_source_files(label)
+        t0 = time.perf_counter()
+        with SummaryWriter(log_dir=str(spec_path.parent / label)) as writer, \
+                tqdm(total=epochs, desc=f"fit {label} ({method})", disable=not progress,
+                     dynamic_ncols=True) as bar:
 
-    writer = SummaryWriter(log_dir=str(run_dir / PRIORS_DIR / label))
-    t0 = time.perf_counter()
-    bar = tqdm(total=epochs, desc=f"fit {label} ({method})", disable=not progress,
-               dynamic_ncols=True)
+            def log(step, train_nll, val_nll):
+                if train_nll is not None:
+                    writer.add_scalar("fit/train_nll", train_nll, step)
+                writer.add_scalar("fit/val_nll", val_nll, step)
+                bar.update(1)
+                bar.set_postfix(val_nll=f"{val_nll:.3f}")
 
-    def log(step, train_nll, val_nll):
-        if train_nll is not None:
-            writer.add_scalar("fit/train_nll", train_nll, step)
-        writer.add_scalar("fit/val_nll", val_nll, step)
-        bar.update(1)
-        bar.set_postfix(val_nll=f"{val_nll:.3f}")
+            if method == "em":
+                history = em_fit_mog(prior, mu_tr, lv_tr, z_val, iterations=epochs,
+                                     patience=patience, callback=log)
+            else:
+                history = _gradient_fit(prior, params, mu_tr, lv_tr, z_val, epochs, batch_size,
+                                        lr, patience, log)
+        val_nll = _mean_nll(prior, z_val)
+        # weights first, then the spec that makes the source visible: never a spec without
+        # its weights
+        save_checkpoint(weights_path, {"state_dict": prior.state_dict(), "method": method,
+                                       "val_nll": val_nll, "history": history})
+        spec = {"prior": {"name": name, "file_sha256": sha}, "kwargs": kwargs}
+        atomic_write_bytes(spec_path, dump_toml(spec).encode())
+    return {"label": label, "path": str(weights_path), "val_nll": val_nll,
+            "epochs": len(history), "method": method, "seconds": time.perf_counter() - t0}
 
-    if method == "em":
-        history = em_fit_mog(prior, mu_tr, lv_tr, z_val, iterations=epochs, patience=patience,
-                             callback=log)
-    else:
-        history = _gradient_fit(prior, params, mu_tr, lv_tr, z_val, epochs, batch_size, lr,
-                                patience, log)
-    bar.close()
-    writer.close()
-    val_nll = _mean_nll(prior, z_val)
-    path = run_dir / PRIORS_DIR / f"{label}.pt"
-    save_checkpoint(path, {"name": name, "kwargs": kwargs, "latent_dim": cfg.model.latent_dim,
-                           "state_dict": prior.state_dict(), "method": method,
-                           "val_nll": val_nll, "history": history})
-    return {"label": label, "path": str(path), "val_nll": val_nll, "epochs": len(history),
-            "method": method, "seconds": time.perf_counter() - t0}
+
+def _check_positive(**values) -> None:
+    for key, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise PriorError(f"--{key.replace('_', '-')} must be a positive integer, "
+                             f"got {value!r}")
 
 
 def _gradient_fit(prior, params, mu, logvar, z_val, epochs, batch_size, lr, patience, log):
@@ -222,37 +254,46 @@ def _gradient_fit(prior, params, mu, logvar, z_val, epochs, batch_size, lr, pati
     return history
 
 
-def prior_sources(run_dir: str | Path) -> list[str]:
+def prior_sources(run: Run) -> list[str]:
     """``trained``, ``aggregate`` and the labels of the ex-post priors fitted in the run."""
-    folder = Path(run_dir) / PRIORS_DIR
-    labels = sorted(p.stem for p in folder.glob("*.pt")) if folder.is_dir() else []
-    return ["trained", "aggregate", *labels]
+    folder = run.prior_source_files("x")[0].parent
+    labels = sorted(p.stem for p in folder.glob("*.toml")) if folder.is_dir() else []
+    return [TRAINED, AGGREGATE, *labels]
 
 
-def load_prior_source(run_dir: str | Path, model, source: str = "trained", splits=None):
+def load_prior_source(run: Run, model, source: str = TRAINED, splits=None):
     """The prior called ``source`` for the run's (loaded) ``model``: ``trained`` (its own),
-    ``aggregate`` (q(z) of the training split; needs ``splits``) or an ex-post LABEL."""
-    run_dir = Path(run_dir)
-    if source == "trained":
+    ``aggregate`` (q(z) of the training split) or an ex-post LABEL. The ex-post prior's name
+    comes from ``priors/LABEL.toml`` under the same rules as config.toml (never from the
+    checkpoint)."""
+    if source == TRAINED:
         return model.prior
     device = next(model.parameters()).device
-    if source == "aggregate":
+    if source == AGGREGATE:
         if splits is None:
-            cfg = read_run_config(run_dir)
-            splits = load_splits(cfg.data.name, cfg.data.root, cfg.data.download, device=device)
+            splits = load_splits(run.config.data, device=device)
         return AggregatedPosterior(*encode_split(model.encoder, splits.x_train))
-    path = run_dir / PRIORS_DIR / f"{source}.pt"
-    if not path.is_file():
-        raise RunError(f"no prior source {source!r} in {run_dir}; available: "
-                       f"{', '.join(prior_sources(run_dir))} (fit one with priorvae fit-prior)")
-    saved = load_checkpoint(path, map_location=device)
-    cfg = read_run_config(run_dir)
-    from .data import input_shape
-
-    shape = input_shape(cfg.data.name)
+    spec_path, weights_path = run.prior_source_files(source)
+    if not _LABEL.fullmatch(source) or not spec_path.is_file():
+        old = " (its priors/*.pt was written by an older priorvae, which kept the prior's name " \
+              "inside the checkpoint: fit it again)" if weights_path.is_file() else ""
+        raise RunError(f"no prior source {source!r} in {run.path}{old}; available: "
+                       f"{', '.join(prior_sources(run))} (fit one with priorvae fit-prior)")
+    try:
+        spec = tomllib.loads(spec_path.read_text())
+        name, kwargs = spec["prior"]["name"], dict(spec.get("kwargs", {}))
+        sha = spec["prior"].get("file_sha256")
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError) as exc:
+        raise RunError(f"{spec_path} is damaged ({type(exc).__name__}); fit the prior again") \
+            from None
+    check_prior_code(name, sha, spec_path, run.path, run.trust_remote_code)
+    shape = input_shape(run.config.data.name)
     context = PriorContext(encoder=_frozen(model.encoder), input_shape=shape,
                            data=torch.zeros(1, *shape))
-    prior = build_prior(saved["name"], latent_dim=saved["latent_dim"], context=context,
-                        **saved["kwargs"]).to(device)
-    prior.load_state_dict(saved["state_dict"])
+    prior = build_prior(name, latent_dim=run.config.model.latent_dim, context=context,
+                        file_sha256=sha, **kwargs).to(device)
+    saved = load_checkpoint(weights_path, map_location=device)
+    if not isinstance(saved.get("state_dict"), dict):
+        raise RunError(f"{weights_path} is not a fitted prior (no state_dict)")
+    load_weights(prior, saved["state_dict"], weights_path)
     return prior.eval()

@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import difflib
 import fnmatch
+import hashlib
 import importlib
 import importlib.util
 import inspect
@@ -49,7 +50,7 @@ __all__ = [
     "list_priors",
     "get_prior_class",
     "prior_arguments",
-    "normalize_prior_name",
+    "pin_prior_spec",
     "CONTEXT_FIELDS",
     "ENTRY_POINT_GROUP",
 ]
@@ -74,6 +75,8 @@ class Prior(nn.Module):
         if not isinstance(latent_dim, int) or latent_dim < 1:
             raise PriorError(f"latent_dim must be a positive integer, got {latent_dim!r}")
         self.latent_dim = latent_dim
+        # follows .to(device/dtype) like any buffer, but is no part of the state_dict
+        self.register_buffer("_anchor", torch.zeros(()), persistent=False)
 
     def _name(self) -> str:
         return self.prior_name or type(self).__name__
@@ -127,9 +130,11 @@ class Prior(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        for t in (*self.parameters(), *self.buffers()):
-            return t.device
-        return torch.device("cpu")
+        return self._anchor.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._anchor.dtype
 
     def extra_repr(self) -> str:
         return f"latent_dim={self.latent_dim}"
@@ -155,9 +160,7 @@ def register_prior(name: str):
                 f"a prior named {name!r} is already registered ({_qualname(_REGISTRY[name])}); "
                 f"choose another name for {_qualname(cls)}"
             )
-        for method in ("log_prob", "sample"):
-            if not callable(getattr(cls, method, None)):
-                raise PriorError(f"{_qualname(cls)} has no {method}() method; subclass Prior")
+        _require_prior_class(cls)
         cls.prior_name = name
         _REGISTRY[name] = cls
         return cls
@@ -167,6 +170,13 @@ def register_prior(name: str):
 
 def _qualname(cls: type) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _require_prior_class(cls) -> None:
+    if not (isinstance(cls, type) and issubclass(cls, Prior)):
+        raise PriorError(f"{_qualname(cls) if isinstance(cls, type) else repr(cls)} is not a "
+                         f"subclass of priorvae.Prior; subclass it and implement _log_prob(z) "
+                         f"and _sample(n)")
 
 
 def _load_builtins() -> None:
@@ -205,27 +215,48 @@ def list_priors(pattern: str = "*") -> list[str]:
     return sorted(n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern))
 
 
-def _import_from_spec(spec: str) -> type:
+def _is_file_spec(target: str) -> bool:
+    return target.endswith(".py") or "/" in target or "\\" in target
+
+
+def _import_file(path: Path, spec: str, sha256: str | None):
+    """Import a prior file from the bytes read once: the hash checked is the code run."""
+    try:
+        source = path.read_bytes()
+    except OSError as exc:
+        raise PriorError(f"cannot read prior file {path} (from {spec!r}): {exc.strerror}") \
+            from None
+    digest = hashlib.sha256(source).hexdigest()
+    if sha256 is not None and digest != sha256:
+        raise PriorError(f"prior file {path} changed since it was chosen (sha256 differs)")
+    mod_name = f"priorvae_user_prior_{digest[:16]}"
+    module = sys.modules.get(mod_name)
+    if module is None:
+        module = importlib.util.module_from_spec(
+            importlib.util.spec_from_loader(mod_name, loader=None, origin=str(path)))
+        module.__file__ = str(path)
+        sys.modules[mod_name] = module
+        try:
+            exec(compile(source, str(path), "exec"), module.__dict__)
+        except (Exception, SystemExit) as exc:  # a prior file must not end the program
+            del sys.modules[mod_name]
+            what = (f"it called sys.exit({exc.code!r})" if isinstance(exc, SystemExit)
+                    else f"{type(exc).__name__}: {exc}")
+            raise PriorError(f"could not import {path}: {what}") from None
+    return module
+
+
+def _import_from_spec(spec: str, sha256: str | None = None) -> type:
     """``path/to/file.py:Class`` or ``package.module:Class`` -> the class."""
     target, _, attr = spec.rpartition(":")
     if not target or not attr:
         raise PriorError(
             f"expected 'path/to/file.py:ClassName' or 'module:ClassName', got {spec!r}")
-    if target.endswith(".py") or "/" in target or "\\" in target:
+    if _is_file_spec(target):
         path = Path(target).expanduser().resolve()
         if not path.is_file():
             raise PriorError(f"prior file not found: {path} (from {spec!r})")
-        mod_name = f"priorvae_user_prior_{abs(hash(str(path)))}"
-        module = sys.modules.get(mod_name)
-        if module is None:
-            file_spec = importlib.util.spec_from_file_location(mod_name, path)
-            module = importlib.util.module_from_spec(file_spec)
-            sys.modules[mod_name] = module
-            try:
-                file_spec.loader.exec_module(module)
-            except Exception as exc:
-                del sys.modules[mod_name]
-                raise PriorError(f"could not import {path}: {type(exc).__name__}: {exc}") from exc
+        module = _import_file(path, spec, sha256)
     else:
         try:
             module = importlib.import_module(target)
@@ -243,6 +274,9 @@ def _import_from_spec(spec: str) -> type:
                     f"could not import module {target!r} (from {spec!r}): {exc}") from exc
             finally:
                 sys.path.remove(cwd)
+        except (Exception, SystemExit) as exc:
+            raise PriorError(f"could not import module {target!r}: {type(exc).__name__}: "
+                             f"{exc}") from None
     cls = getattr(module, attr, None)
     if cls is None:
         names = [n for n, v in vars(module).items() if isinstance(v, type)]
@@ -252,21 +286,27 @@ def _import_from_spec(spec: str) -> type:
     return cls
 
 
-def normalize_prior_name(name: str) -> str:
-    """A ``relative/file.py:Class`` spec made absolute (against the working folder), so that a
-    run folder's config still finds the file from elsewhere; other names unchanged."""
+def pin_prior_spec(name: str) -> tuple[str, str | None]:
+    """A prior the user chose, pinned for a run folder: a ``file.py:Class`` spec made absolute
+    (against the working folder) with the file's sha256; other names unchanged, no hash."""
     target, sep, attr = name.rpartition(":")
-    if sep and (target.endswith(".py") or "/" in target or "\\" in target):
-        return f"{Path(target).expanduser().resolve()}:{attr}"
-    return name
+    if sep and _is_file_spec(target):
+        path = Path(target).expanduser().resolve()
+        if not path.is_file():
+            raise PriorError(f"prior file not found: {path} (from {name!r})")
+        return f"{path}:{attr}", hashlib.sha256(path.read_bytes()).hexdigest()
+    return name, None
 
 
-def get_prior_class(name: str) -> type:
-    """The class behind a registered name or an import spec ``file.py:Class``/``module:Class``."""
+def get_prior_class(name: str, sha256: str | None = None) -> type:
+    """The class behind a registered name or an import spec ``file.py:Class``/``module:Class``
+    (a file spec with ``sha256`` is imported only if the file still has that hash)."""
     if not isinstance(name, str):
         raise PriorError(f"a prior name must be a string, got {name!r}")
     if ":" in name:
-        return _import_from_spec(name)
+        cls = _import_from_spec(name, sha256)
+        _require_prior_class(cls)
+        return cls
     _ensure_loaded()
     if name not in _REGISTRY:
         known = sorted(_REGISTRY)
@@ -290,36 +330,21 @@ def prior_arguments(cls: type) -> dict[str, Any]:
     }
 
 
-def _check_built(prior: nn.Module, name: str, latent_dim: int) -> None:
-    """Probe log_prob and sample once so a wrong shape fails now, not deep inside training."""
-    for method in ("log_prob", "sample"):
-        if not callable(getattr(prior, method, None)):
-            raise PriorError(f"prior {name!r} has no {method}() method")
-    if not isinstance(prior, nn.Module):
-        raise PriorError(f"prior {name!r} must be a torch.nn.Module, got {type(prior).__name__}")
-    device = next((t.device for t in (*prior.parameters(), *prior.buffers())), torch.device("cpu"))
-    z = torch.zeros(3, latent_dim, device=device)
+def _check_built(prior: Prior, name: str, latent_dim: int) -> None:
+    """Probe log_prob and sample once so a wrong shape fails now, not deep inside training
+    (the public methods check the shapes)."""
+    z = torch.zeros(3, latent_dim, device=prior.device, dtype=prior.dtype)
     with torch.no_grad():
         try:
-            lp = prior.log_prob(z)
-            s = prior.sample(2)
+            prior.log_prob(z)
+            prior.sample(2)
         except PriorError:
             raise
         except Exception as exc:
             raise PriorError(
                 f"prior {name!r} failed its build-time check (log_prob on z of shape "
                 f"(3, {latent_dim}), sample(2)): {type(exc).__name__}: {exc}"
-            ) from exc
-    if not isinstance(lp, torch.Tensor) or lp.shape != (3,):
-        got = tuple(lp.shape) if isinstance(lp, torch.Tensor) else type(lp).__name__
-        raise PriorError(
-            f"prior {name!r}: log_prob(z) must return shape (B,) = (3,) for z of shape "
-            f"(3, {latent_dim}), got {got}"
-        )
-    if not isinstance(s, torch.Tensor) or s.shape != (2, latent_dim):
-        got = tuple(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
-        raise PriorError(
-            f"prior {name!r}: sample(2) must return shape (2, {latent_dim}), got {got}")
+            ) from None
 
 
 def build_prior(
@@ -327,14 +352,15 @@ def build_prior(
     *,
     latent_dim: int,
     context: PriorContext | None = None,
+    file_sha256: str | None = None,
     **kwargs: Any,
-) -> nn.Module:
+) -> Prior:
     """Build a prior by registered name (or import spec) for latent dimension ``latent_dim``.
 
     Context (encoder, input shape, training data) is passed to the priors that name it in their
     ``__init__``. Unknown keyword arguments are rejected, listing the accepted ones.
     """
-    cls = get_prior_class(name)
+    cls = get_prior_class(name, file_sha256)
     params = inspect.signature(cls.__init__).parameters
     accepts_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
     accepted = prior_arguments(cls)
@@ -367,7 +393,8 @@ def build_prior(
         prior = cls(latent_dim=latent_dim, **ctx_kwargs, **kwargs)
     except PriorError:
         raise
-    except (TypeError, ValueError) as exc:
-        raise PriorError(f"could not build prior {name!r}: {exc}") from exc
+    except (Exception, SystemExit) as exc:  # a prior's __init__ must not end the program
+        raise PriorError(f"could not build prior {name!r}: {type(exc).__name__}: {exc}") \
+            from None
     _check_built(prior, name, latent_dim)
     return prior

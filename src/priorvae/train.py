@@ -1,44 +1,53 @@
-"""The training loop: one readable function, :func:`train`.
+"""The training loop: :func:`train`, which reads top to bottom, and :func:`train_epoch`.
 
 Adam, KL warm-up (beta = min(1, epoch / warmup_epochs), epochs counted from 1), validation
 ELBO with beta = 1 after every epoch, best model kept, early stopping once ``patience`` epochs
 after warm-up bring no improvement, an atomic checkpoint after every epoch (resume continues
-from it), TensorBoard scalars, image grids and the config, and a progress bar.
+from it bit for bit), TensorBoard scalars, image grids, diagnostics and the config, and a
+progress bar. Under torchrun every process runs it; rank 0 alone owns the run folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from .config import Config
-from .data import binarize, iterate_batches, load_splits
+from .data import binarize, load_splits
 from .distributed import DistEnv, all_reduce_sum, broadcast_object, teardown, world_size
 from .distributed import setup as dist_setup
-from .errors import ConfigError, RunError, TrainingError
-from .runs import (
-    BEST_CKPT,
-    CONFIG_FILE,
-    LAST_CKPT,
-    load_checkpoint,
-    read_metrics,
-    read_run_config,
-    run_config_dict,
-    save_checkpoint,
-    update_metrics,
-    write_run_config,
-)
+from .errors import ConfigError, PriorVAEError, RunError, TrainingError
+from .measure import diagnose, mean_elbo
+from .runs import CONFIG_FILE, FINISHED, Run, load_weights, run_config_dict
 from .vae import VAE, build_vae
 
-__all__ = ["train", "train_step", "beta_at", "mean_elbo", "global_mean_elbo", "check_run_dir",
+__all__ = ["train", "train_epoch", "TrainState", "train_step", "beta_at", "global_mean_elbo",
            "make_optimizer", "normalize_gradients", "epoch_order", "local_batches",
            "compile_forward"]
 
-FINISHED = ("finished", "early_stopped")
+
+@dataclass
+class TrainState:
+    """Everything besides the weights, the optimizer and the RNG that a resumed run needs to
+    continue exactly where it stopped (saved in ``last.pt`` under these names)."""
+
+    epoch: int = 0  # the last finished epoch
+    best_val: float = -math.inf  # best validation ELBO so far, and its epoch
+    best_epoch: int = 0
+    bad_epochs: int = 0  # epochs without improvement, counted after warm-up
+    train_seconds: float = 0.0
+    history: list[dict] = field(default_factory=list)
+
+    @classmethod
+    def from_checkpoint(cls, ckpt: dict) -> TrainState:
+        return cls(**{f.name: ckpt[f.name] for f in dataclasses.fields(cls)})
 
 
 def beta_at(epoch: int, warmup_epochs: int) -> float:
@@ -119,16 +128,6 @@ def local_batches(x: torch.Tensor, order: torch.Tensor, batch_size: int, env: Di
 
 
 @torch.no_grad()
-def mean_elbo(model: VAE, x: torch.Tensor, batch_size: int = 1000) -> dict[str, float]:
-    """Mean single-sample ELBO, reconstruction and KL over the binary images ``x`` (N, ...)."""
-    sums = {"elbo": 0.0, "recon": 0.0, "kl": 0.0}
-    for batch in iterate_batches(x, batch_size, shuffle=False, dynamic_binarization=False):
-        terms = model(batch)
-        for k in sums:
-            sums[k] += terms[k].sum().item()
-    return {k: v / len(x) for k, v in sums.items()}
-
-
 def global_mean_elbo(model: VAE, x: torch.Tensor, batch_size: int, env: DistEnv,
                      device: torch.device) -> dict[str, float]:
     """:func:`mean_elbo` over ``x`` split across the ranks, all-reduced: every rank gets the
@@ -145,34 +144,6 @@ def global_mean_elbo(model: VAE, x: torch.Tensor, batch_size: int, env: DistEnv,
     return {k: (t[i] / t[-1]).item() for i, k in enumerate(keys)}
 
 
-def _config_diff(old: dict, new: dict) -> list[str]:
-    out = []
-    for table in sorted(set(old) | set(new)):
-        a, b = old.get(table, {}), new.get(table, {})
-        for key in sorted(set(a) | set(b)):
-            if (table, key) in (("train", "device"), ("train", "compile")):
-                continue  # resuming on another device, compiled or not, is fine
-            if a.get(key) != b.get(key):
-                out.append(f"[{table}] {key}: {a.get(key)!r} in the run, {b.get(key)!r} now")
-    return out
-
-
-def check_run_dir(run_dir: Path, cfg: Config) -> str:
-    """'new', 'resume' or 'finished'; refuses a folder holding a different configuration."""
-    if not (run_dir / CONFIG_FILE).is_file():
-        if run_dir.exists() and any(run_dir.iterdir()):
-            raise RunError(f"{run_dir} exists, is not empty and holds no {CONFIG_FILE}; "
-                           f"choose another --out")
-        return "new"
-    diff = _config_diff(run_config_dict(read_run_config(run_dir)), run_config_dict(cfg))
-    if diff:
-        raise RunError(f"{run_dir} holds a run with a different configuration:\n  "
-                       + "\n  ".join(diff) + "\nRefusing to overwrite it; choose another --out.")
-    if read_metrics(run_dir).get("status") in FINISHED:
-        return "finished"
-    return "resume" if (run_dir / LAST_CKPT).is_file() else "new"
-
-
 def _image_grid(images: torch.Tensor, nrow: int, min_width: int = 256) -> torch.Tensor:
     """(N, C, H, W) in [0, 1] -> one (C', H', W') grid, small images enlarged (nearest)."""
     from torchvision.utils import make_grid
@@ -184,36 +155,6 @@ def _image_grid(images: torch.Tensor, nrow: int, min_width: int = 256) -> torch.
     return make_grid(images, nrow=nrow, pad_value=1.0)
 
 
-def _log_diagnostics(writer, model, splits, classifier, epoch, device) -> None:
-    """Prior-vs-aggregate diagnostics on a subset (q(z) from 5,000 training images, 2,000
-    validation images held out, 2,000 samples), as TensorBoard scalars; RNG forked."""
-    from .evaluate import diagnose
-
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        metrics, _ = diagnose(model, splits, classifier, n=2000, train_subset=5000,
-                              heldout=splits.x_val[:2000], heldout_labels=splits.y_val[:2000])
-    for key, value in metrics.items():
-        writer.add_scalar(f"diagnostics/{key}", value, epoch)
-
-
-def _setup_state(run_dir: Path, cfg: Config, env: DistEnv) -> str:
-    """check_run_dir on rank 0 (which also creates the folder), its answer on every rank."""
-    answer = None
-    if env.is_main:
-        try:
-            state = check_run_dir(run_dir, cfg)
-            if state == "new":
-                run_dir.mkdir(parents=True, exist_ok=True)
-                write_run_config(run_dir, cfg)
-            answer = ("ok", state)
-        except RunError as exc:
-            answer = ("error", str(exc))
-    kind, value = broadcast_object(answer, env)
-    if kind == "error":
-        raise RunError(value)
-    return value
-
-
 def compile_forward(module, device: torch.device):
     """torch.compile of the training forward; on CUDA with CUDA graphs (mode reduce-overhead),
     which removes the per-step launch overhead of these small networks."""
@@ -221,181 +162,224 @@ def compile_forward(module, device: torch.device):
     return torch.compile(module, mode=mode, dynamic=False)
 
 
+def train_epoch(model: VAE, opt: torch.optim.Optimizer, x_train: torch.Tensor, epoch: int,
+                cfg: Config, env: DistEnv | None = None, forward=None,
+                progress: bool = False) -> dict[str, float]:
+    """One pass over the (grey-level) training images ``x_train`` (N, C, H, W), each batch
+    binarized afresh; returns the epoch's mean loss, elbo, recon and kl over all ranks.
+
+    Raises:
+        TrainingError: a step's loss was not finite (the message names the epoch and step).
+    """
+    tc, env = cfg.train, env or DistEnv()
+    beta = beta_at(epoch, tc.warmup_epochs)
+    device = x_train.device
+    model.train()
+    order = epoch_order(len(x_train), tc.seed, epoch, device)
+    # sums of (loss, elbo, recon, kl, images) stay on the device: no host sync per step
+    sums = torch.zeros(5, dtype=torch.float64, device=device)
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    steps = tqdm(local_batches(x_train, order, tc.batch_size, env), leave=False,
+                 total=math.ceil(len(x_train) / tc.batch_size), desc=f"epoch {epoch}",
+                 disable=not progress, dynamic_ncols=True)
+    for step, (x, global_n) in enumerate(steps, start=1):
+        step_sums = train_step(model, opt, x, beta, global_n, tc.grad_norm == "unit",
+                               tc.precision == "bf16", forward)
+        first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_sums[0]), step, first_bad)
+        sums[:4] += step_sums
+        sums[4] += len(x)
+        if progress and step % 25 == 0:
+            steps.set_postfix(loss=f"{(sums[0] / sums[4]).item():.3f}")
+    all_reduce_sum(sums, env)
+    bad_step = int(all_reduce_sum(first_bad.clamp_min(0), env).item())
+    if not torch.isfinite(sums[0]) or bad_step > 0:
+        raise TrainingError(f"non-finite loss at epoch {epoch}, "
+                            + (f"step {bad_step}" if bad_step > 0 else "a step"))
+    totals = sums.tolist()
+    return {k: totals[i] / totals[4] for i, k in enumerate(("loss", "elbo", "recon", "kl"))}
+
+
 def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
     """Train (or resume) the run in ``run_dir``; return its metrics.json contents.
 
     Under torchrun (``WORLD_SIZE`` > 1) every process runs this function: the model is wrapped
     in DDP, each rank takes its share of every global batch (``[train] batch_size`` is the
-    global batch), validation and training metrics are all-reduced, and rank 0 alone writes
-    the checkpoints, metrics.json and TensorBoard.
+    global batch), validation and training metrics are all-reduced, and rank 0 alone opens the
+    run folder, holds its lock and writes checkpoints, metrics.json and TensorBoard.
     """
-    run_dir = Path(run_dir)
-    tc = cfg.train
-    if tc.grad_norm not in ("none", "unit"):
-        raise ConfigError(f"[train] grad_norm must be 'none' or 'unit', got {tc.grad_norm!r}")
-    if tc.precision not in ("float32", "bf16"):
-        raise ConfigError(f"[train] precision must be 'float32' or 'bf16', got {tc.precision!r}")
-    env, device = dist_setup(tc.device)
+    env, device = dist_setup(cfg.train.device)
     try:
-        return _train(cfg, run_dir, progress and env.is_main, env, device)
+        return _train(cfg, Path(run_dir), progress and env.is_main, env, device)
     finally:
         teardown(env)
 
 
 def _train(cfg: Config, run_dir: Path, progress: bool, env: DistEnv,
            device: torch.device) -> dict:
-    tc = cfg.train
-    main = env.is_main
+    tc, main = cfg.train, env.is_main
     if env.enabled and tc.batch_size < env.world_size:
         raise ConfigError(f"[train] batch_size ({tc.batch_size}) is the global batch; it must be "
                           f"at least the number of processes ({env.world_size})")
-    state = _setup_state(run_dir, cfg, env)
-    if state == "finished":
-        if main:
-            print(f"{run_dir}: this run already finished; nothing to do "
-                  f"(evaluate it with: priorvae evaluate {run_dir})")
-        return read_metrics(run_dir)
+    # data, networks and prior are built before the folder is touched: a rejected argument
+    # leaves nothing behind
+    splits = load_splits(cfg.data, device=device)
     torch.manual_seed(tc.seed)
-
-    splits = load_splits(cfg.data.name, cfg.data.root, cfg.data.download, device=device)
     model = build_vae(cfg, splits.input_shape, data=splits.x_train).to(device)
     opt = make_optimizer(model.parameters(), tc.lr)
     if env.enabled:  # each rank its own noise (binarization, eps); the shuffle is shared
         torch.manual_seed(tc.seed + 7919 * env.rank)
 
-    start_epoch, best_val, best_epoch, bad_epochs = 1, -math.inf, 0, 0
-    train_seconds, history = 0.0, []
-    if state == "resume":
-        ckpt = load_checkpoint(run_dir / LAST_CKPT, map_location=device)
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        start_epoch = ckpt["epoch"] + 1
-        if main:
-            torch.set_rng_state(ckpt["rng_cpu"])
-            if device.type == "cuda" and "rng_cuda" in ckpt:
-                torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu(), device)
-        else:
-            torch.manual_seed(tc.seed + 7919 * env.rank + 104_729 * start_epoch)
-        best_val, best_epoch, bad_epochs = ckpt["best_val"], ckpt["best_epoch"], ckpt["bad_epochs"]
-        train_seconds, history = ckpt["train_seconds"], ckpt["history"]
-        if main:
-            print(f"{run_dir}: resuming after epoch {ckpt['epoch']} (best validation ELBO "
-                  f"{best_val:.3f} at epoch {best_epoch})")
-
-    forward = model
-    if env.enabled:
-        from torch.nn.parallel import DistributedDataParallel
-
-        forward = DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    if tc.compile:
-        forward = compile_forward(forward, device)
-
-    writer = classifier = None
-    if main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(log_dir=str(run_dir), purge_step=start_epoch)
-        if state == "new":
-            toml_text = (run_dir / CONFIG_FILE).read_text()
-            writer.add_text("config", "```toml\n" + toml_text + "\n```", 0)
-        update_metrics(run_dir, status="running", prior=cfg.prior.name, data=cfg.data.name,
-                       device=str(device), world_size=env.world_size)
-        if tc.diagnostics_every > 0:
-            from .quality import classifier_cache_dir, get_classifier
-
-            classifier = get_classifier(splits, classifier_cache_dir(), progress=progress)
-
-    status = "finished"
-    steps_per_epoch = math.ceil(len(splits.x_train) / tc.batch_size)
-    epochs = tqdm(range(start_epoch, tc.epochs + 1), desc="epochs", initial=start_epoch - 1,
-                  total=tc.epochs, disable=not progress, dynamic_ncols=True)
-    try:
-        for epoch in epochs:
-            t0 = time.perf_counter()
-            beta = beta_at(epoch, tc.warmup_epochs)
-            model.train()
-            order = epoch_order(len(splits.x_train), tc.seed, epoch, device)
-            # sums of (loss, elbo, recon, kl, images) stay on the device: no sync per step
-            sums = torch.zeros(5, dtype=torch.float64, device=device)
-            first_bad = torch.full((), -1, dtype=torch.long, device=device)
-            steps = tqdm(local_batches(splits.x_train, order, tc.batch_size, env), leave=False,
-                         total=steps_per_epoch, desc=f"epoch {epoch}", disable=not progress,
-                         dynamic_ncols=True)
-            for step, (x, global_n) in enumerate(steps, start=1):
-                step_sums = train_step(model, opt, x, beta, global_n, tc.grad_norm == "unit",
-                                       tc.precision == "bf16", forward)
-                bad = ~torch.isfinite(step_sums[0])
-                first_bad = torch.where((first_bad < 0) & bad, step, first_bad)
-                sums[:4] += step_sums
-                sums[4] += len(x)
-                if progress and step % 25 == 0:
-                    steps.set_postfix(loss=f"{(sums[0] / sums[4]).item():.3f}")
-            all_reduce_sum(sums, env)
-            bad_step = int(all_reduce_sum(first_bad.clamp_min(0), env).item())
-            if not torch.isfinite(sums[0]) or bad_step > 0:
-                last = (f"the last good checkpoint ({run_dir / LAST_CKPT}, epoch "
-                        f"{epoch - 1}) is intact" if epoch > 1 else "no checkpoint yet")
-                where = f"step {bad_step}" if bad_step > 0 else "a step"
-                raise TrainingError(
-                    f"non-finite loss at epoch {epoch}, {where}; training stopped, {last}. "
-                    f"Try a lower [train] lr.")
-            totals = sums.tolist()
-            train_stats = {k: totals[i] / totals[4]
-                           for i, k in enumerate(("loss", "elbo", "recon", "kl"))}
-
-            model.eval()
-            val = global_mean_elbo(model, splits.x_val, tc.val_batch_size, env, device)
-            train_seconds += time.perf_counter() - t0
-            improved = val["elbo"] > best_val
-            if improved:
-                best_val, best_epoch = val["elbo"], epoch
-                if main:
-                    save_checkpoint(run_dir / BEST_CKPT, {
-                        "model": model.state_dict(), "epoch": epoch,
-                        "config": run_config_dict(cfg)})
-            if epoch > tc.warmup_epochs:  # early-stopping counter starts after warm-up
-                bad_epochs = 0 if improved else bad_epochs + 1
-            row = {"epoch": epoch, "beta": beta, "lr": opt.param_groups[0]["lr"],
-                   **{f"train_{k}": v for k, v in train_stats.items()},
-                   **{f"val_{k}": v for k, v in val.items()}, "seconds": train_seconds}
-            history.append(row)
+    with contextlib.ExitStack() as stack:
+        run, phase = _claim_run(run_dir, cfg, env, stack)
+        if phase == "finished":
             if main:
-                _end_of_epoch(cfg, run_dir, writer, model, opt, splits, classifier, device, env,
-                              epoch, row, history, best_val, best_epoch, bad_epochs,
-                              train_seconds)
-            epochs.set_postfix(train=f"{train_stats['loss']:.2f}", val=f"{-val['elbo']:.2f}",
-                               best=f"{-best_val:.2f}")
-            if tc.patience > 0 and bad_epochs >= tc.patience:
-                status = "early_stopped"
-                break
-    except TrainingError as exc:
+                print(f"{run_dir}: this run already finished; nothing to do "
+                      f"(evaluate it with: priorvae evaluate {run_dir})")
+            return run.metrics()
+        state = TrainState()
+        if phase == "resume":
+            state = _restore(run, model, opt, env, device)
+        forward = model
+        if env.enabled:
+            from torch.nn.parallel import DistributedDataParallel
+
+            forward = DistributedDataParallel(
+                model, device_ids=[device.index] if device.type == "cuda" else None)
+        if tc.compile:
+            forward = compile_forward(forward, device)
+
+        writer = classifier = None
         if main:
-            update_metrics(run_dir, status="failed", error=str(exc))
-        raise
-    except KeyboardInterrupt:
-        if main:
-            update_metrics(run_dir, status="interrupted")
-            print(f"\ninterrupted; run the same command again to resume from "
-                  f"{run_dir / LAST_CKPT}")
-        raise
-    finally:
-        if writer is not None:
-            writer.close()
-    return update_metrics(run_dir, status=status) if main else {"status": status}
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = stack.enter_context(SummaryWriter(log_dir=str(run_dir),
+                                                       purge_step=state.epoch + 1))
+            if phase == "new":
+                writer.add_text("config", "```toml\n" + (run_dir / CONFIG_FILE).read_text()
+                                + "\n```", 0)
+            run.update_metrics(status="running", prior=cfg.prior.name, data=cfg.data.name,
+                               device=str(device), world_size=env.world_size)
+            if tc.diagnostics_every > 0:
+                from .quality import classifier_cache_dir, get_classifier
+
+                classifier = get_classifier(splits, classifier_cache_dir(), progress=progress)
+
+        status = "finished"
+        epochs = tqdm(range(state.epoch + 1, tc.epochs + 1), desc="epochs", initial=state.epoch,
+                      total=tc.epochs, disable=not progress, dynamic_ncols=True)
+        try:
+            for epoch in epochs:
+                t0 = time.perf_counter()
+                try:
+                    stats = train_epoch(model, opt, splits.x_train, epoch, cfg, env, forward,
+                                        progress)
+                except TrainingError as exc:
+                    last = (f"the last good checkpoint ({run_dir / 'last.pt'}, epoch "
+                            f"{state.epoch}) is intact" if state.epoch else "no checkpoint yet")
+                    raise TrainingError(f"{exc}; training stopped, {last}. Try a lower "
+                                        f"[train] lr.") from None
+                model.eval()
+                val = global_mean_elbo(model, splits.x_val, tc.val_batch_size, env, device)
+                state.train_seconds += time.perf_counter() - t0
+                state.epoch = epoch
+                improved = val["elbo"] > state.best_val
+                if improved:
+                    state.best_val, state.best_epoch = val["elbo"], epoch
+                    if main:
+                        run.save_checkpoint("best", {"model": model.state_dict(), "epoch": epoch,
+                                                     "config": run_config_dict(cfg)})
+                if epoch > tc.warmup_epochs:  # early-stopping counter starts after warm-up
+                    state.bad_epochs = 0 if improved else state.bad_epochs + 1
+                row = {"epoch": epoch, "beta": beta_at(epoch, tc.warmup_epochs),
+                       "lr": opt.param_groups[0]["lr"],
+                       **{f"train_{k}": v for k, v in stats.items()},
+                       **{f"val_{k}": v for k, v in val.items()}, "seconds": state.train_seconds}
+                state.history.append(row)
+                if main:
+                    _end_of_epoch(run, cfg, writer, model, opt, splits, classifier, device, env,
+                                  state, row)
+                epochs.set_postfix(train=f"{stats['loss']:.2f}", val=f"{-val['elbo']:.2f}",
+                                   best=f"{-state.best_val:.2f}")
+                if tc.patience > 0 and state.bad_epochs >= tc.patience:
+                    status = "early_stopped"
+                    break
+        except TrainingError as exc:
+            if main:
+                run.update_metrics(status="failed", error=str(exc))
+            raise
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through the command line
+            if main:
+                with contextlib.suppress(PriorVAEError):
+                    run.update_metrics(status="interrupted")
+                print(f"\ninterrupted; run the same command again to resume from "
+                      f"{run_dir / 'last.pt'}")
+            raise
+        except BaseException:
+            if main:  # e.g. the disk filled up: say so if the disk still lets us
+                with contextlib.suppress(PriorVAEError):
+                    run.update_metrics(status="failed")
+            raise
+        return run.update_metrics(status=status) if main else {"status": status}
 
 
-def _end_of_epoch(cfg, run_dir, writer, model, opt, splits, classifier, device, env, epoch, row,
-                  history, best_val, best_epoch, bad_epochs, train_seconds) -> None:
+def _claim_run(run_dir: Path, cfg: Config, env: DistEnv, stack: contextlib.ExitStack):
+    """Rank 0 opens (or creates) the run folder and holds its lock for the whole training;
+    every rank learns the phase: 'new', 'resume' or 'finished'."""
+    answer, run = None, None
+    if env.is_main:
+        try:
+            run = Run.create(run_dir, cfg)
+            stack.enter_context(run.lock("train"))
+            run.adopt_config(cfg)
+            phase = ("finished" if run.status in FINISHED else
+                     "resume" if run.checkpoint_path("last").is_file() else "new")
+            answer = ("ok", phase)
+        except PriorVAEError as exc:
+            answer = ("error", str(exc))
+    kind, value = broadcast_object(answer, env)
+    if kind == "error":
+        raise RunError(value)
+    if run is None:  # other ranks read the folder rank 0 owns
+        run = Run(run_dir, cfg, trust_remote_code=True)
+    return run, value
+
+
+def _restore(run: Run, model: VAE, opt, env: DistEnv, device: torch.device) -> TrainState:
+    ckpt = run.load_checkpoint("last", device)
+    load_weights(model, ckpt["model"], run.checkpoint_path("last"))
+    opt.load_state_dict(ckpt["optimizer"])
+    state = TrainState.from_checkpoint(ckpt)
+    if env.is_main:
+        torch.set_rng_state(ckpt["rng_cpu"])
+        if device.type == "cuda" and "rng_cuda" in ckpt:
+            torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu(), device)
+        print(f"{run.path}: resuming after epoch {state.epoch} (best validation ELBO "
+              f"{state.best_val:.3f} at epoch {state.best_epoch})")
+    else:
+        torch.manual_seed(run.config.train.seed + 7919 * env.rank + 104_729 * (state.epoch + 1))
+    return state
+
+
+def _log_diagnostics(writer, model, splits, classifier, epoch, device) -> None:
+    """Prior-vs-aggregate diagnostics on a subset (q(z) from 5,000 training images, 2,000
+    validation images held out, 2,000 samples), as TensorBoard scalars; RNG forked."""
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        metrics, _ = diagnose(model, splits, classifier, n=2000, train_subset=5000,
+                              heldout=splits.x_val[:2000], heldout_labels=splits.y_val[:2000])
+    for key, value in metrics.items():
+        writer.add_scalar(f"diagnostics/{key}", value, epoch)
+
+
+def _end_of_epoch(run: Run, cfg: Config, writer, model, opt, splits, classifier, device, env,
+                  state: TrainState, row: dict) -> None:
     """Rank 0: the checkpoint, TensorBoard scalars, pictures, diagnostics and metrics.json."""
-    tc = cfg.train
-    ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(), "epoch": epoch,
-            "best_val": best_val, "best_epoch": best_epoch, "bad_epochs": bad_epochs,
-            "train_seconds": train_seconds, "history": history, "world_size": env.world_size,
+    tc, epoch = cfg.train, state.epoch
+    ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(),
+            **dataclasses.asdict(state), "world_size": env.world_size,
             "config": run_config_dict(cfg), "rng_cpu": torch.get_rng_state()}
     if device.type == "cuda":
         ckpt["rng_cuda"] = torch.cuda.get_rng_state(device)
-    save_checkpoint(run_dir / LAST_CKPT, ckpt)
+    run.save_checkpoint("last", ckpt)
 
     for k in ("loss", "elbo", "recon", "kl"):
         writer.add_scalar(f"train/{k}", row[f"train_{k}"], epoch)
@@ -413,6 +397,6 @@ def _end_of_epoch(cfg, run_dir, writer, model, opt, splits, classifier, device, 
             writer.add_image("images/prior_samples", _image_grid(model.sample(64), 8), epoch)
     if tc.diagnostics_every > 0 and (epoch % tc.diagnostics_every == 0 or epoch == tc.epochs):
         _log_diagnostics(writer, model, splits, classifier, epoch, device)
-    update_metrics(run_dir, epochs_trained=epoch, best_epoch=best_epoch,
-                   best_val_elbo=best_val, val_elbo=row["val_elbo"],
-                   train_seconds=train_seconds)
+    run.update_metrics(epochs_trained=epoch, best_epoch=state.best_epoch,
+                       best_val_elbo=state.best_val, val_elbo=row["val_elbo"],
+                       train_seconds=state.train_seconds)

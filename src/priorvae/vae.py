@@ -18,7 +18,6 @@ References:
 
 from __future__ import annotations
 
-import contextlib
 import math
 
 import torch
@@ -30,13 +29,7 @@ from .gaussian import LOG_2PI
 from .nets import BernoulliLikelihood, build_networks
 from .registry import PriorContext, build_prior
 
-__all__ = ["VAE", "build_vae", "frozen_prior"]
-
-
-def frozen_prior(prior):
-    """``prior.frozen()`` where the prior offers it (subclasses of Prior do), else a no-op."""
-    frozen = getattr(prior, "frozen", None)
-    return frozen() if callable(frozen) else contextlib.nullcontext()
+__all__ = ["VAE", "build_vae"]
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -50,7 +43,8 @@ class VAE(nn.Module):
     Args:
         encoder: x (B, ...) -> (mu, logvar), each (B, D).
         decoder: z (B, D) -> likelihood parameters (B, ...) (Bernoulli logits by default).
-        prior: module with ``log_prob(z) -> (B,)`` and ``sample(n) -> (n, D)``.
+        prior: a :class:`~priorvae.registry.Prior` (``log_prob(z) -> (B,)``,
+            ``sample(n) -> (n, D)``).
         likelihood: module ``(decoder_output, x) -> log p(x|z)`` of shape (B,), with ``mean``.
     """
 
@@ -91,12 +85,6 @@ class VAE(nn.Module):
         kl = log_q - log_p
         return {"recon": recon, "kl": kl, "elbo": recon - kl}
 
-    def loss(self, x: torch.Tensor, beta: float = 1.0) -> tuple[torch.Tensor, dict]:
-        """Mean over the batch of -(log p(x|z) - beta * KL); also the mean terms."""
-        terms = self(x)
-        loss = -(terms["recon"] - beta * terms["kl"]).mean()
-        return loss, {k: v.detach().mean() for k, v in terms.items()}
-
     @torch.no_grad()
     def elbo(self, x: torch.Tensor) -> torch.Tensor:
         """Single-sample ELBO per image (B,), in nats."""
@@ -112,7 +100,7 @@ class VAE(nn.Module):
         """
         if k < 1:
             raise ValueError(f"k must be positive, got {k}")
-        with frozen_prior(self.prior):
+        with self.prior.frozen():
             return self._iwae(x, k, max_elements)
 
     def _iwae(self, x: torch.Tensor, k: int, max_elements: int) -> torch.Tensor:
@@ -151,5 +139,5 @@ def build_vae(cfg: Config, input_shape, data: torch.Tensor | None = None) -> VAE
         data = torch.zeros(1, *input_shape)
     context = PriorContext(encoder=encoder, input_shape=tuple(input_shape), data=data)
     prior = build_prior(cfg.prior.name, latent_dim=cfg.model.latent_dim, context=context,
-                        **cfg.prior.kwargs)
+                        file_sha256=cfg.prior.file_sha256, **cfg.prior.kwargs)
     return VAE(encoder, decoder, prior)

@@ -1,0 +1,142 @@
+"""Measurements of a trained VAE: pure functions of a model and tensors, and the metric names.
+
+``mean_elbo`` (single-sample ELBO), ``mean_iwae_nll`` (-IWAE_K, an upper bound on -log p(x)
+in expectation), ``decode_samples``, and ``diagnose``: every prior-vs-aggregated-posterior
+diagnostic (see :mod:`priorvae.diagnostics`, :mod:`priorvae.twosample`,
+:mod:`priorvae.quality`). The metric names below are the one list that ``evaluate``,
+``compare``, the command line and TensorBoard read.
+
+The two-sample measures come in two spaces: ``latent_*`` (prior samples against one posterior
+draw of each held-out image) and ``feature_*`` (decoded, binarized prior samples against
+held-out images, in the quality classifier's features): ``precision``, ``recall`` (k = 3),
+``density``, ``coverage`` (k = 5), ``c2st_auc`` and ``c2st_acc`` (classifier two-sample test;
+0.5 = indistinguishable).
+"""
+
+from __future__ import annotations
+
+import torch
+from tqdm.auto import tqdm
+
+from .aggregate import AggregatedPosterior, encode_split
+from .data import Splits, iterate_batches
+from .diagnostics import active_units, elbo_surgery, hole_rate, kl_prior_to_agg, mmd
+from .quality import class_entropy, features, frechet_distance
+from .twosample import classifier_two_sample, knn_two_sample
+from .vae import VAE
+
+__all__ = ["TEST_KEYS", "TWO_SAMPLE_KEYS", "DIAGNOSTIC_KEYS", "mean_elbo", "mean_iwae_nll",
+           "decode_samples", "diagnose", "two_sample"]
+
+TEST_KEYS = ("test_nll", "test_elbo", "test_recon", "test_kl", "iw_samples", "test_images")
+TWO_SAMPLE_KEYS = ("precision", "recall", "density", "coverage", "c2st_auc", "c2st_acc")
+DIAGNOSTIC_KEYS = ("kl", "mutual_info", "marginal_kl", "kl_prior_to_agg", "hole_rate", "mmd",
+                   "active_units", "fd_prior", "fd_aggregate", "class_entropy_prior",
+                   "class_entropy_aggregate", *(f"latent_{k}" for k in TWO_SAMPLE_KEYS),
+                   *(f"feature_{k}" for k in TWO_SAMPLE_KEYS))
+
+
+def two_sample(real: torch.Tensor, fake: torch.Tensor, prefix: str) -> tuple[dict, dict]:
+    """k-NN measures and the classifier test of ``fake`` (prior side) against ``real``, named
+    ``PREFIX_precision`` ...; also the classifier's raw output (hole scores)."""
+    metrics = knn_two_sample(real, fake)
+    c2st = classifier_two_sample(fake, real)
+    metrics["c2st_auc"], metrics["c2st_acc"] = c2st["auc"], c2st["accuracy"]
+    return {f"{prefix}_{k}": metrics[k] for k in TWO_SAMPLE_KEYS}, c2st
+
+
+
+
+@torch.no_grad()
+def mean_elbo(model: VAE, x: torch.Tensor, batch_size: int = 1000) -> dict[str, float]:
+    """Mean single-sample ELBO, reconstruction and KL over the binary images ``x`` (N, ...)."""
+    sums = {"elbo": 0.0, "recon": 0.0, "kl": 0.0}
+    for batch in iterate_batches(x, batch_size, shuffle=False, dynamic_binarization=False):
+        terms = model(batch)
+        for k in sums:
+            sums[k] += terms[k].sum().item()
+    return {k: v / len(x) for k, v in sums.items()}
+
+
+@torch.no_grad()
+def mean_iwae_nll(model: VAE, x: torch.Tensor, k: int, batch_size: int = 100,
+                  progress: bool = False) -> float:
+    """Mean of -IWAE_k(x) over the binary images ``x`` (N, ...), in nats."""
+    total = 0.0
+    batches = tqdm(iterate_batches(x, batch_size, shuffle=False, dynamic_binarization=False),
+                   total=-(-len(x) // batch_size), desc=f"test NLL (K={k})", disable=not progress,
+                   dynamic_ncols=True)
+    with model.prior.frozen():  # the VampPrior encodes its pseudo-inputs once, not per batch
+        for batch in batches:
+            total += -model.iwae(batch, k).sum().item()
+    return total / len(x)
+
+
+@torch.no_grad()
+def decode_samples(model: VAE, z: torch.Tensor, binary: bool = False,
+                   batch_size: int = 1000) -> torch.Tensor:
+    """Images decoded from latent codes z (N, D): pixel probabilities, or one Bernoulli draw."""
+    out = []
+    for start in range(0, len(z), batch_size):
+        probs = model.likelihood.mean(model.decode(z[start:start + batch_size]))
+        out.append(torch.bernoulli(probs) if binary else probs)
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def diagnose(model: VAE, splits: Splits, classifier=None, n: int = 10_000,
+             train_subset: int | None = None, heldout: torch.Tensor | None = None,
+             heldout_labels: torch.Tensor | None = None) -> tuple[dict, dict]:
+    """All prior-vs-aggregated-posterior diagnostics of a trained model.
+
+    q(z) is built from the training split (all of it, or its first ``train_subset`` images);
+    held-out images (default: the test split) give the hole threshold and the atlas.
+
+    Returns:
+        (metrics, extras): metrics are floats named as in metrics.json; extras hold what the
+        pictures need (log q histograms, posterior means, samples, the aggregate).
+    """
+    model.eval()
+    x_train = splits.x_train if train_subset is None else splits.x_train[:train_subset]
+    held = splits.x_test if heldout is None else heldout
+    labels = splits.y_test if heldout_labels is None else heldout_labels
+    mu_tr, lv_tr = encode_split(model.encoder, x_train)
+    mu_te, lv_te = encode_split(model.encoder, held)
+    agg = AggregatedPosterior(mu_tr, lv_tr)
+    metrics: dict = dict(elbo_surgery(mu_tr, lv_tr, model.prior, n_points=n))
+    metrics["kl_prior_to_agg"] = kl_prior_to_agg(model.prior, agg, n)
+    holes = hole_rate(model.prior, agg, mu_te, lv_te, n)
+    metrics["hole_rate"] = holes["hole_rate"]
+    m = min(n, 2000)
+    z_prior, z_agg = model.prior.sample(n), agg.sample(n)
+    metrics["mmd"] = mmd(z_prior[:m], z_agg[:m])
+    metrics["active_units"] = active_units(mu_te)
+    # two-sample measures in latent space: the real side is one code of each held-out image
+    m_two = min(n, len(held))
+    z_held = mu_te[:m_two] + torch.exp(0.5 * lv_te[:m_two]) * torch.randn_like(mu_te[:m_two])
+    latent, c2st = two_sample(z_held, z_prior[:m_two], "latent")
+    metrics.update(latent)
+    extras = {"agg": agg, "mu_heldout": mu_te, "labels": labels, "z_prior": z_prior,
+              "threshold": holes["threshold"], "log_q_prior": holes["log_q_prior"],
+              "log_q_posterior": holes["log_q_posterior"]}
+    k = min(n, len(held))
+    x_prior = decode_samples(model, z_prior[:k])
+    x_agg = decode_samples(model, z_agg[:k])
+    extras["x_prior"], extras["x_agg"] = x_prior[:64], x_agg[:64]
+    extras["x_orig"], extras["x_recon"] = held[:32], decode_samples(model, mu_te[:32])
+    order = c2st["hole_score"].argsort()  # held-out prior samples, most q-like first
+    pick = {"best": order[:32], "worst": order[-32:].flip(0)}
+    for key, idx in pick.items():
+        extras[f"hole_{key}"] = decode_samples(model, z_prior[c2st["p_index"][idx]])
+        extras[f"hole_{key}_scores"] = c2st["hole_score"][idx].cpu()
+    extras["latent_c2st_auc"] = c2st["auc"]
+    if classifier is not None:
+        f_ref, _ = features(classifier, held[:k])
+        f_prior, p_prior = features(classifier, torch.bernoulli(x_prior))
+        f_agg, p_agg = features(classifier, torch.bernoulli(x_agg))
+        metrics["fd_prior"] = frechet_distance(f_prior, f_ref)
+        metrics["fd_aggregate"] = frechet_distance(f_agg, f_ref)
+        metrics["class_entropy_prior"] = class_entropy(p_prior)
+        metrics["class_entropy_aggregate"] = class_entropy(p_agg)
+        metrics.update(two_sample(f_ref, f_prior, "feature")[0])
+    return metrics, extras
