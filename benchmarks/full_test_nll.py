@@ -21,8 +21,8 @@ import torch
 
 from priorvae.config import load_config
 from priorvae.data import load_splits
-from priorvae.evaluate import mean_iwae_nll
-from priorvae.runs import load_run, read_run_config
+from priorvae.measure import mean_iwae_nll
+from priorvae.runs import Run
 from priorvae.vae import build_vae
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,8 +56,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     root = os.environ.get("PRIORVAE_DATA", str(REPO.parent / "shared" / "data"))
     if args.run_dir:
-        cfg = read_run_config(Path(args.run_dir))
-        model = load_run(args.run_dir)
+        run = Run.open(args.run_dir)
+        cfg, model = run.config, run.load_model()
     else:
         cfg = load_config(REPO / "experiments" / "mnist.toml")
         torch.manual_seed(0)

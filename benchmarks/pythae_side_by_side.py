@@ -35,17 +35,17 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from priorvae.config import load_config
 from priorvae.data import load_splits
-from priorvae.distributed import DistEnv
-from priorvae.evaluate import mean_iwae_nll
 from priorvae.expost import em_fit_mog
+from priorvae.measure import mean_iwae_nll
 from priorvae.registry import build_prior
-from priorvae.train import epoch_order, local_batches, make_optimizer, train_step
+from priorvae.train import make_optimizer, train_epoch
 from priorvae.vae import build_vae
 
 REPO = Path(__file__).resolve().parents[1]
@@ -125,14 +125,13 @@ def pythae_trainer(model, x_binary, out_dir):
     return trainer
 
 
-def our_epoch(model, opt, forward, splits, epoch: int, autocast: bool = False) -> float:
-    """One epoch of priorvae's training loop (as in priorvae.train); returns the mean loss."""
-    model.train()
-    order = epoch_order(len(splits.x_train), 0, epoch, splits.x_train.device)
-    sums = torch.zeros(4, dtype=torch.float64)
-    for x, global_n in local_batches(splits.x_train, order, 100, DistEnv()):
-        sums += train_step(model, opt, x, 1.0, global_n, autocast=autocast, forward=forward)
-    return sums[0].item() / len(splits.x_train)
+def our_epoch(model, opt, forward, splits, epoch: int, cfg, autocast: bool = False) -> float:
+    """One epoch of priorvae's own training loop (:func:`priorvae.train.train_epoch`, beta 1,
+    batch 100); returns the mean loss."""
+    tc = replace(cfg.train, warmup_epochs=0, seed=0, batch_size=100, grad_norm="none",
+                 precision="bf16" if autocast else "float32")
+    return train_epoch(model, opt, splits.x_train, epoch, replace(cfg, train=tc),
+                       forward=forward)["loss"]
 
 
 def timed(fn):
@@ -159,18 +158,19 @@ def bench_train(prior, splits, root, reps, compile_, bf16, tmp):
     trainer = pythae_trainer(theirs, x_binary, tmp)
     opt = make_optimizer(ours.parameters(), cfg.train.lr)
     contenders = {"pythae": lambda e: trainer.train_step(e),
-                  "priorvae": lambda e: our_epoch(ours, opt, ours, splits, e)}
+                  "priorvae": lambda e: our_epoch(ours, opt, ours, splits, e, cfg)}
     if bf16:  # the same step under bf16 autocast: matrix products in bf16, the rest float32
         twin16 = copy.deepcopy(ours)
         opt16 = make_optimizer(twin16.parameters(), cfg.train.lr)
         contenders["priorvae_bf16"] = lambda e: our_epoch(twin16, opt16, twin16, splits, e,
-                                                          autocast=True)
+                                                          cfg, autocast=True)
     if compile_:
         twin = copy.deepcopy(ours)
         twin_opt = make_optimizer(twin.parameters(), cfg.train.lr)
         compiled = torch.compile(twin, dynamic=False)
-        t_compile, _ = timed(lambda: our_epoch(twin, twin_opt, compiled, splits, 0))
-        contenders["priorvae_compiled"] = lambda e: our_epoch(twin, twin_opt, compiled, splits, e)
+        t_compile, _ = timed(lambda: our_epoch(twin, twin_opt, compiled, splits, 0, cfg))
+        contenders["priorvae_compiled"] = lambda e: our_epoch(twin, twin_opt, compiled, splits,
+                                                              e, cfg)
     times = {name: [] for name in contenders}
     for rep in range(reps + 1):  # A B A B: each contender once per round, same order
         for name, fn in contenders.items():  # round 0 warms up and is not counted

@@ -12,7 +12,7 @@ import torch
 from conftest import read_metrics, tiny_toml
 from priorvae.config import load_config
 from priorvae.distributed import DistEnv
-from priorvae.runs import load_checkpoint
+from priorvae.runs import Run, load_checkpoint
 from priorvae.train import epoch_order, local_batches, train
 
 
@@ -89,6 +89,10 @@ def test_two_process_gloo_run_matches_one_process_and_resumes_in_one(tmp_path):
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    t0 = time.time()  # torchrun is gone; its workers (rank 0 holds the folder) die with it
+    while Run.open(run).is_busy():
+        assert time.time() - t0 < 30, "the killed workers still hold the run folder"
+        time.sleep(0.05)
     killed = load_checkpoint(run / "last.pt")
     assert killed["world_size"] == 2 and 3 <= killed["epoch"] < 30
     resumed = train(load_config(config), run, progress=False)

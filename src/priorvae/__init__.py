@@ -19,13 +19,14 @@ __all__ = [
     "VAE",
     "build_vae",
     "load_run",
+    "Run",
     "__version__",
 ]
 
 
 def __getattr__(name):  # lazy: keeps `import priorvae` light
-    if name == "load_run":
-        from .runs import load_run
+    if name in ("load_run", "Run"):
+        from . import runs
 
-        return load_run
+        return getattr(runs, name)
     raise AttributeError(f"module 'priorvae' has no attribute {name!r}")

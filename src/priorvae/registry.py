@@ -51,6 +51,7 @@ __all__ = [
     "get_prior_class",
     "prior_arguments",
     "pin_prior_spec",
+    "module_file",
     "CONTEXT_FIELDS",
     "ENTRY_POINT_GROUP",
 ]
@@ -215,6 +216,13 @@ def list_priors(pattern: str = "*") -> list[str]:
     return sorted(n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern))
 
 
+def _describe(exc: BaseException) -> str:
+    """One line for an exception raised by a user's prior code."""
+    if isinstance(exc, SystemExit):
+        return f"it called sys.exit({exc.code!r})"
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+
+
 def _is_file_spec(target: str) -> bool:
     return target.endswith(".py") or "/" in target or "\\" in target
 
@@ -240,9 +248,7 @@ def _import_file(path: Path, spec: str, sha256: str | None):
             exec(compile(source, str(path), "exec"), module.__dict__)
         except (Exception, SystemExit) as exc:  # a prior file must not end the program
             del sys.modules[mod_name]
-            what = (f"it called sys.exit({exc.code!r})" if isinstance(exc, SystemExit)
-                    else f"{type(exc).__name__}: {exc}")
-            raise PriorError(f"could not import {path}: {what}") from None
+            raise PriorError(f"could not import {path}: {_describe(exc)}") from None
     return module
 
 
@@ -275,8 +281,7 @@ def _import_from_spec(spec: str, sha256: str | None = None) -> type:
             finally:
                 sys.path.remove(cwd)
         except (Exception, SystemExit) as exc:
-            raise PriorError(f"could not import module {target!r}: {type(exc).__name__}: "
-                             f"{exc}") from None
+            raise PriorError(f"could not import module {target!r}: {_describe(exc)}") from None
     cls = getattr(module, attr, None)
     if cls is None:
         names = [n for n, v in vars(module).items() if isinstance(v, type)]
@@ -286,15 +291,33 @@ def _import_from_spec(spec: str, sha256: str | None = None) -> type:
     return cls
 
 
+def module_file(module: str) -> Path | None:
+    """The source file of a top-level module, found as an import would find it (the working
+    folder last), without running any code; None for dotted or unfound modules."""
+    if "." in module:
+        return None  # finding a submodule imports its package
+    for folder in [*sys.path, str(Path.cwd())]:
+        candidate = Path(folder or ".") / f"{module}.py"
+        if candidate.is_file():
+            return candidate.resolve()
+        package = Path(folder or ".") / module / "__init__.py"
+        if package.is_file():
+            return package.resolve()
+    return None
+
+
 def pin_prior_spec(name: str) -> tuple[str, str | None]:
     """A prior the user chose, pinned for a run folder: a ``file.py:Class`` spec made absolute
-    (against the working folder) with the file's sha256; other names unchanged, no hash."""
+    (against the working folder) with the file's sha256; a top-level ``module:Class`` with its
+    file's sha256; registered names unchanged, no hash."""
     target, sep, attr = name.rpartition(":")
     if sep and _is_file_spec(target):
         path = Path(target).expanduser().resolve()
         if not path.is_file():
             raise PriorError(f"prior file not found: {path} (from {name!r})")
         return f"{path}:{attr}", hashlib.sha256(path.read_bytes()).hexdigest()
+    if sep and (path := module_file(target)) is not None:
+        return name, hashlib.sha256(path.read_bytes()).hexdigest()
     return name, None
 
 
@@ -394,7 +417,6 @@ def build_prior(
     except PriorError:
         raise
     except (Exception, SystemExit) as exc:  # a prior's __init__ must not end the program
-        raise PriorError(f"could not build prior {name!r}: {type(exc).__name__}: {exc}") \
-            from None
+        raise PriorError(f"could not build prior {name!r}: {_describe(exc)}") from None
     _check_built(prior, name, latent_dim)
     return prior

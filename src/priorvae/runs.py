@@ -191,7 +191,17 @@ def check_prior_code(name: str, sha: str | None, source: Path, run_dir: Path,
     elif target in sys.modules:
         return  # the user's program imported it already: nothing new runs
     else:
-        reason = f"module {target!r}, which would be imported"
+        from .registry import module_file
+
+        path = module_file(target)
+        if path is None or sha is None:
+            reason = f"module {target!r}, which would be imported"
+        elif path.is_relative_to(run_dir.resolve()):
+            reason = f"module {target!r} from a file inside the run folder"
+        elif file_sha256(path) != sha:
+            reason = f"module {target!r}, whose file {path} changed since the run was made"
+        else:
+            return  # the module file the user chose, unchanged
     raise RunError(f"{source} names prior code {name!r}: {reason}. A run folder never runs code "
                    f"unless you opt in: pass --trust-remote-code (or set {TRUST_ENV}=1) if you "
                    f"trust whoever wrote it")
