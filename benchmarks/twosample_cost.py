@@ -5,8 +5,9 @@ The MNIST evaluation's shapes, D = 40: an aggregated posterior of 50,000 trainin
 the two-sample measures (ELBO surgery, KL(p || q), hole rate, MMD on 2,000, active units);
 "two-sample" is the k-NN precision/recall/density/coverage and the classifier test on
 10,000 vs 10,000 points. Synthetic codes (posteriors spread around N(0, I)), so no model or
-data is needed. Each contender is run ``--reps`` times after one warm-up; medians are printed
-and appended as one JSON line to ``results_twosample.jsonl``.
+data is needed. The contenders alternate (A B C A B C ...) for ``--reps`` rounds after one
+warm-up round, so a load change on the machine hits all of them; medians are printed and
+appended as one JSON line to ``results_twosample.jsonl``.
 
     python benchmarks/twosample_cost.py [--reps 3] [--threads 2]
 """
@@ -43,14 +44,15 @@ def two_sample(prior, mu_te, lv_te, n):
     classifier_two_sample(fake, real)
 
 
-def timed(fn, reps):
-    fn()  # warm-up
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
+def alternating(contenders: dict, reps: int) -> dict[str, list[float]]:
+    times = {name: [] for name in contenders}
+    for rnd in range(reps + 1):  # round 0 warms up and is not counted
+        for name, fn in contenders.items():
+            t0 = time.perf_counter()
+            fn()
+            if rnd > 0:
+                times[name].append(time.perf_counter() - t0)
+    return times
 
 
 def main():
@@ -66,9 +68,14 @@ def main():
     prior = build_prior("standard_normal", latent_dim=d)
     mu, lv = torch.randn(args.n_train, d) * 0.9, torch.full((args.n_train, d), -3.0)
     mu_te, lv_te = torch.randn(args.n, d) * 0.9, torch.full((args.n, d), -3.0)
-    t_old, all_old = timed(lambda: existing(prior, mu, lv, mu_te, lv_te, args.n), args.reps)
-    t_new, all_new = timed(lambda: two_sample(prior, mu_te, lv_te, args.n), args.reps)
-    t_knn, _ = timed(lambda: knn_two_sample(mu_te, prior.sample(args.n)), args.reps)
+    times = alternating({
+        "existing": lambda: existing(prior, mu, lv, mu_te, lv_te, args.n),
+        "two_sample": lambda: two_sample(prior, mu_te, lv_te, args.n),
+        "knn_only": lambda: knn_two_sample(mu_te, prior.sample(args.n)),
+    }, args.reps)
+    t_old, t_new, t_knn = (statistics.median(times[k]) for k in ("existing", "two_sample",
+                                                                  "knn_only"))
+    all_old, all_new = times["existing"], times["two_sample"]
     row = {"benchmark": "twosample_cost", "threads": args.threads, "n": args.n,
            "n_train": args.n_train, "latent_dim": d, "existing_s": t_old, "two_sample_s": t_new,
            "knn_only_s": t_knn, "ratio_two_sample_to_existing": t_new / t_old,

@@ -1,10 +1,12 @@
 """Multi-process training through torchrun (gloo on CPU) and the pieces it is built from."""
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -43,6 +45,19 @@ def test_ranks_split_each_global_batch_exactly():
 TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone",
               "--nproc_per_node=2", "-m", "priorvae"]
 ENV_1_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def kill_tree(pid: int) -> None:
+    """SIGKILL a process and all its descendants. torchrun starts its workers in sessions of
+    their own, so killing its process group alone leaves them running."""
+    children = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            children += [int(c) for c in (task / "children").read_text().split()]
+    for child in children:
+        kill_tree(child)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
 
 
 def _torchrun(args, timeout=300):
@@ -87,9 +102,9 @@ def test_two_process_gloo_run_matches_one_process_and_resumes_in_one(tmp_path):
             assert time.time() - t0 < 180, "2-process run too slow to reach epoch 3"
             time.sleep(0.05)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         proc.wait()
-    t0 = time.time()  # torchrun is gone; its workers (rank 0 holds the folder) die with it
+    t0 = time.time()  # the kernel drops the dead rank 0's lock on the folder
     while Run.open(run).is_busy():
         assert time.time() - t0 < 30, "the killed workers still hold the run folder"
         time.sleep(0.05)
