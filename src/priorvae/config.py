@@ -166,7 +166,8 @@ def describe(f: dataclasses.Field) -> str:
     base = {"int": "an integer", "float": "a finite number"}.get(kind, "a string")
     low, high = m.get("low"), m.get("high")
     if low is not None and high is not None:
-        return f"{base} in {'(' if m.get('low_open') else '['}{low:g}, {high:g}]"
+        return f"{base} in {'(' if m.get('low_open') else '['}{low:g}, {high:g}]" \
+            if kind == "float" else f"{base} in [{low}, {high}]"
     if low is not None:
         return f"{base} {'>' if m.get('low_open') else '>='} {low:g}"
     return base
