@@ -118,7 +118,7 @@ def log_q_histogram(log_q_prior, log_q_posterior, threshold, hole_rate=None, tit
 def hole_score_figure(best_images, best_scores, worst_images, worst_scores, auc=None, title=""):
     """Two panels of decoded prior samples (N, C, H, W): the lowest hole scores (the classifier
     takes them for q(z) samples) and the highest (prior mass that q(z) lacks: holes)."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 5.4))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
     nrow = 8
     panels = [(best_images, best_scores, "lowest hole scores: like q(z)"),
               (worst_images, worst_scores, "highest hole scores: in holes")]
