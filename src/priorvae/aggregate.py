@@ -39,6 +39,7 @@ class AggregatedPosterior(Prior):
             raise ValueError(f"mu and logvar must both be (N, D), got {tuple(mu.shape)} and "
                              f"{tuple(logvar.shape)}")
         super().__init__(mu.shape[1])
+        self._anchor = self._anchor.to(mu.device, mu.dtype)  # device/dtype are the codes'
         self.register_buffer("mu", mu.detach())
         self.register_buffer("logvar", logvar.detach())
         self.max_elements = max_elements
