@@ -91,8 +91,8 @@ def evaluate_run(run_dir: str | Path, iw_samples: int | None = None, device: str
             raise RunError(f"{run.path} has not been trained (status {status!r}); train it first")
         dev = resolve_device(device or cfg.train.device)
         k = iw_samples or cfg.eval.iw_samples
-        model = run.load_model("best", dev)
-        best_epoch = run.load_checkpoint("best", "cpu").get("epoch")
+        best = run.load_checkpoint("best", dev)
+        model = run.load_model("best", dev, best)
         splits = load_splits(cfg.data, device=dev)
         if prior_source != TRAINED:
             from .expost import load_prior_source
@@ -105,7 +105,7 @@ def evaluate_run(run_dir: str | Path, iw_samples: int | None = None, device: str
         nll = mean_iwae_nll(model, x, k, cfg.eval.batch_size, progress=progress)
         results = {"test_elbo": elbo["elbo"], "test_recon": elbo["recon"], "test_kl": elbo["kl"],
                    "test_nll": nll, "iw_samples": k, "test_images": len(x),
-                   "evaluated_epoch": best_epoch}
+                   "evaluated_epoch": best.get("epoch")}
         if diagnostics:
             clf = get_classifier(splits, classifier_cache_dir(), progress=progress)
             metrics, extras = diagnose(model, splits, clf, n=n_diagnostic)

@@ -399,9 +399,11 @@ class Run:
 
         return build_vae(self.config, input_shape(self.config.data.name), data=data)
 
-    def load_model(self, which: str = "best", device: str | torch.device = "cpu"):
-        """The trained VAE in eval mode, built from config.toml, weights from ``which``."""
-        ckpt = self.load_checkpoint(which, device)
+    def load_model(self, which: str = "best", device: str | torch.device = "cpu",
+                   checkpoint: dict | None = None):
+        """The trained VAE in eval mode, built from config.toml, weights from ``which``
+        (``checkpoint``: its contents, when the caller has read them already)."""
+        ckpt = checkpoint if checkpoint is not None else self.load_checkpoint(which, device)
         model = self.build_model()
         load_weights(model, ckpt["model"], self.checkpoint_path(which))
         return model.to(device).eval()
