@@ -122,17 +122,19 @@ def check_grid(runs: list[tuple[str, Config]], expost: list[str]) -> None:
     from .registry import PriorContext, build_prior
     from .vae import build_vae
 
+    checked_dims = set()  # an ex-post prior depends on the latent size alone: build it once
     for name, run_cfg in runs:
         try:
             shape = input_shape(run_cfg.data.name)
             model = build_vae(run_cfg, shape)
-            for label in expost:
+            dim = run_cfg.model.latent_dim
+            for label in expost if dim not in checked_dims else []:
                 if label != AGGREGATE:
                     ctx = PriorContext(encoder=model.encoder, input_shape=shape,
                                        data=torch.zeros(1, *shape))
                     pinned, sha = pin_prior_spec(label)
-                    build_prior(pinned, latent_dim=run_cfg.model.latent_dim, context=ctx,
-                                file_sha256=sha)
+                    build_prior(pinned, latent_dim=dim, context=ctx, file_sha256=sha)
+            checked_dims.add(dim)
         except PriorVAEError as exc:
             raise ConfigError(f"grid cell {name}: {exc}") from None
 

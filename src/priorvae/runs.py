@@ -17,7 +17,8 @@ are read with ``weights_only=True`` and no checkpoint field ever picks code. A p
 ``config.toml`` or ``priors/LABEL.toml`` by a registered name is built from the registry; one
 named by a file (``/abs/path/file.py:Class``) is imported only if the file lies outside the run
 folder and its sha256 is the one recorded when the user chose it; a module (``module:Class``)
-only if the user's program has imported it already. Anything else needs the user's explicit
+only if the user's program has imported it already, or its file lies outside the run folder
+with the recorded sha256. Anything else needs the user's explicit
 opt-in: ``trust_remote_code=True`` (``--trust-remote-code``, or ``PRIORVAE_TRUST_REMOTE_CODE=1``).
 
 Every file is written atomically (temporary file in the same folder, then rename), and write
