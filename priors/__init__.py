@@ -1,6 +1,7 @@
 """priorvae.priors: the prior registry and the built-in priors (one file each).
 
-Importing this package registers ``standard_normal``, ``mog``, ``vampprior`` and ``flow``.
+Importing this package registers ``standard_normal``, ``mog``, ``vampprior``, ``flow``,
+``exemplar``, ``resampled`` and ``diffusion``.
 See :mod:`priorvae.registry` for how to add your own.
 """
 
@@ -15,7 +16,15 @@ from priorvae.registry import (
     register_prior,
 )
 
-from . import flow, mog, standard_normal, vampprior  # noqa: F401  (registers the built-ins)
+from . import (  # noqa: F401  (registers the built-ins)
+    diffusion,
+    exemplar,
+    flow,
+    mog,
+    resampled,
+    standard_normal,
+    vampprior,
+)
 
 __all__ = [
     "ENTRY_POINT_GROUP",

@@ -27,8 +27,11 @@ def test_ranks_split_each_global_batch_exactly():
 
     def batches(world, rank):
         env = DistEnv(rank=rank, world_size=world)
-        return [(g, b.flatten().long().tolist())
-                for b, g in local_batches(ids, order, 100, env, dynamic_binarization=False)]
+        out = []
+        for b, g, idx in local_batches(ids, order, 100, env, dynamic_binarization=False):
+            assert torch.equal(b.flatten().long(), idx)  # the indices name the images
+            out.append((g, idx.tolist()))
+        return out
 
     single = batches(1, 0)
     assert [g for g, _ in single] == [100] * 12 + [97]

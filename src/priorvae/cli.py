@@ -240,10 +240,11 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--as", dest="label", help="label of the fitted prior (default expost-NAME)")
     f.add_argument("--method", default="auto", choices=["auto", "em", "gradient"],
                    help="auto: EM for mog, gradient (Adam) otherwise")
-    f.add_argument("--epochs", type=positive_int, default=100, help="epochs (EM: iterations)")
-    f.add_argument("--batch-size", type=positive_int, default=1000)
-    f.add_argument("--lr", type=_positive_float, default=1e-3)
-    f.add_argument("--patience", type=nonnegative_int, default=10)
+    f.add_argument("--epochs", type=positive_int, help="epochs (EM: iterations); default: "
+                   "the prior's fit_defaults, else 100")
+    f.add_argument("--batch-size", type=positive_int, help="default: 1000")
+    f.add_argument("--lr", type=_positive_float, help="default: 1e-3 (diffusion: 2e-3)")
+    f.add_argument("--patience", type=nonnegative_int, help="default: 10 (diffusion: 100)")
     f.add_argument("--device")
     f.add_argument("--quiet", action="store_true")
     f.add_argument("--trust-remote-code", **trust)

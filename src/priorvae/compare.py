@@ -40,7 +40,8 @@ __all__ = ["grid", "check_grid", "run_compare", "write_results", "RESULT_COLUMNS
 
 RESULT_COLUMNS = ["prior", "seed", "latent_dim", "test_elbo", "test_nll",
                   *(k for k in DIAGNOSTIC_KEYS if k != "class_entropy_aggregate"),
-                  "train_seconds", "epochs_trained", "iw_samples"]
+                  "train_seconds", "epochs_trained", "iw_samples", "test_images",
+                  "log_normalizer_stderr", "evaluation_fallback"]
 _COMPARE_KEYS = {"priors", "seeds", "latent_dims", "args", "expost", "expost_on"}
 
 
@@ -118,21 +119,35 @@ def _expost_plan(cfg: Config, runs: list[tuple[str, Config]]) -> tuple[list[str]
 def check_grid(runs: list[tuple[str, Config]], expost: list[str]) -> None:
     """Build every cell's networks and prior (and every ex-post prior) once, so that a bad
     argument anywhere in the grid is refused before the first run starts."""
-    from .data import input_shape
-    from .registry import PriorContext, build_prior
+    from .data import input_shape, load_splits
+    from .registry import PriorContext, build_prior, get_prior_class
+    from .train import check_joint
     from .vae import build_vae
 
     checked_dims = set()  # an ex-post prior depends on the latent size alone: build it once
+    train_images = {}  # priors made of training images are checked on the real ones
+
+    def data_for(name, sha, run_cfg, shape):
+        if not get_prior_class(name, sha).needs_data:
+            return torch.zeros(1, *shape)
+        key = repr(run_cfg.data)
+        if key not in train_images:
+            train_images[key] = load_splits(run_cfg.data).x_train
+        return train_images[key]
+
     for name, run_cfg in runs:
         try:
+            check_joint(run_cfg)
             shape = input_shape(run_cfg.data.name)
-            model = build_vae(run_cfg, shape)
+            pc = run_cfg.prior
+            model = build_vae(run_cfg, shape, data=data_for(pc.name, pc.file_sha256, run_cfg,
+                                                            shape))
             dim = run_cfg.model.latent_dim
             for label in expost if dim not in checked_dims else []:
                 if label != AGGREGATE:
-                    ctx = PriorContext(encoder=model.encoder, input_shape=shape,
-                                       data=torch.zeros(1, *shape))
                     pinned, sha = pin_prior_spec(label)
+                    ctx = PriorContext(encoder=model.encoder, input_shape=shape,
+                                       data=data_for(pinned, sha, run_cfg, shape))
                     build_prior(pinned, latent_dim=dim, context=ctx, file_sha256=sha)
             checked_dims.add(dim)
         except PriorVAEError as exc:
@@ -191,6 +206,13 @@ def write_results(out: Path, rows: list[dict[str, Any]], title: str = "") -> Non
     for (prior, dim), group in groups.items():
         cells = [_mean_std([r[c] for r in group]) for c in cols]
         lines.append(f"| {prior} | {dim} | {len(group)} | " + " | ".join(cells) + " |")
+    notes = [f"- {r['prior']} (seed {r['seed']}): " + "; ".join(
+        ([f"test_nll includes an estimated log Z, standard error "
+          f"{r['log_normalizer_stderr']:.2g} nats"] if r.get("log_normalizer_stderr") is not None
+         else []) + ([r["evaluation_fallback"]] if r.get("evaluation_fallback") else []))
+        for r in rows if r.get("log_normalizer_stderr") is not None or r.get("evaluation_fallback")]
+    if notes:
+        lines += ["", "Evaluated differently (see metrics.json):", "", *notes]
     atomic_write_bytes(out / "results.md", ("\n".join(lines) + "\n").encode())
 
 

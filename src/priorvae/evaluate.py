@@ -9,6 +9,7 @@ The diagnostics are those of :func:`priorvae.measure.diagnose` (names in
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -70,8 +71,11 @@ def evaluate_run(run_dir: str | Path, iw_samples: int | None = None, device: str
     save the pictures under ``RUN_DIR/figures`` and log them to the run's TensorBoard.
 
     Args:
-        iw_samples: K for the IWAE estimate (default: the run's ``[eval] iw_samples``).
-        limit: evaluate only the first ``limit`` test images (for quick looks; recorded).
+        iw_samples: K for the IWAE estimate (default: the run's ``[eval] iw_samples``, or the
+            prior's ``evaluation_limits`` where its log-density is too costly for that; the
+            fallback is printed and recorded as ``evaluation_fallback``).
+        limit: evaluate only the first ``limit`` test images (for quick looks; recorded;
+            default: all, or the prior's ``evaluation_limits``).
         diagnostics: also compute the prior-vs-aggregated-posterior diagnostics.
         prior_source: ``trained`` (the run's own prior), ``aggregate`` (q(z) itself) or the
             label of an ex-post prior (``priorvae fit-prior``). The VAE with that prior is still
@@ -98,6 +102,8 @@ def evaluate_run(run_dir: str | Path, iw_samples: int | None = None, device: str
             from .expost import load_prior_source
 
             model.prior = load_prior_source(run, model, prior_source, splits)
+        k, limit, n_diagnostic, fallback = _fallback(model.prior, prior_source, k, iw_samples,
+                                                     limit, len(splits.x_test), n_diagnostic)
         x = splits.x_test if limit is None else splits.x_test[:limit]
         torch.manual_seed(cfg.train.seed)
         t0 = time.perf_counter()
@@ -105,11 +111,14 @@ def evaluate_run(run_dir: str | Path, iw_samples: int | None = None, device: str
         nll = mean_iwae_nll(model, x, k, cfg.eval.batch_size, progress=progress)
         results = {"test_elbo": elbo["elbo"], "test_recon": elbo["recon"], "test_kl": elbo["kl"],
                    "test_nll": nll, "iw_samples": k, "test_images": len(x),
-                   "evaluated_epoch": best.get("epoch")}
+                   "evaluated_epoch": best.get("epoch"), "evaluation_fallback": fallback}
+        if getattr(model.prior, "estimated_normalizer", False):
+            # the NLL includes a Monte-Carlo log Z: its standard error goes next to it
+            results["log_normalizer_stderr"] = model.prior.log_normalizer_stderr()
         if diagnostics:
             clf = get_classifier(splits, classifier_cache_dir(), progress=progress)
             metrics, extras = diagnose(model, splits, clf, n=n_diagnostic)
-            results.update(metrics)
+            results.update(metrics, diagnostic_points=n_diagnostic)
             extras["hole_rate"] = metrics["hole_rate"]
             _figures_and_tensorboard(run, model, splits, extras, results, prior_source)
         results["eval_seconds"] = time.perf_counter() - t0
@@ -119,6 +128,29 @@ def evaluate_run(run_dir: str | Path, iw_samples: int | None = None, device: str
         sources[prior_source] = results
         run.update_metrics(prior_sources=sources)
         return results
+
+
+def _fallback(prior, source: str, k: int, iw_samples, limit, n_test: int, n_diagnostic: int):
+    """K, test images and diagnostic points within the prior's ``evaluation_limits`` (values
+    the caller gave explicitly are kept), and one line saying what changed (None: nothing)."""
+    limits = getattr(prior, "evaluation_limits", None) or {}
+    changes = []
+    if iw_samples is None and k > limits.get("iw_samples", k):
+        changes.append(f"K {k} -> {limits['iw_samples']}")
+        k = limits["iw_samples"]
+    if limit is None and n_test > limits.get("test_images", n_test):
+        limit = limits["test_images"]
+        changes.append(f"test images {n_test} -> {limit}")
+    if n_diagnostic > limits.get("diagnostic_points", n_diagnostic):
+        changes.append(f"diagnostic points {n_diagnostic} -> {limits['diagnostic_points']}")
+        n_diagnostic = limits["diagnostic_points"]
+    if not changes:
+        return k, limit, n_diagnostic, None
+    line = (f"prior source {source!r} ({type(prior).__name__}): its log-density is too costly "
+            f"for the full evaluation, so {', '.join(changes)} (its evaluation_limits; pass "
+            f"--iw-samples/--limit to choose)")
+    print(f"evaluate: {line}", file=sys.stderr, flush=True)
+    return k, limit, n_diagnostic, line
 
 
 def _figures_and_tensorboard(run: Run, model, splits, extras, results, prior_source) -> None:

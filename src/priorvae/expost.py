@@ -3,8 +3,11 @@
 The second remedy for prior holes (Dai & Wipf 2019; Ghosh et al. 2020): leave the trained
 encoder and decoder alone and fit p(z) to codes z ~ q(z|x) of the training images afterwards,
 by maximum likelihood. Any learnable prior of the registry serves (``mog``, ``flow``, a custom
-one); ``mog`` can also use EM. Every epoch draws fresh codes z = mu + sigma * eps from the
-(frozen) posteriors; codes of the validation images (one fixed draw) give early stopping.
+one); ``mog`` can also use EM. A prior may bring its own objective (``fit_loss``: the
+diffusion prior trains by denoising score matching; the others by maximum likelihood, a prior
+made of training images by leave-one-out likelihood). Every epoch draws fresh codes
+z = mu + sigma * eps from the (frozen) posteriors; codes of the validation images (one fixed
+draw) give early stopping, on the objective with its noise fixed.
 
 The fitted prior is saved as ``RUN_DIR/priors/LABEL.toml`` (its name and arguments, data) and
 ``RUN_DIR/priors/LABEL.pt`` (its weights; default label ``expost-NAME``) and becomes a *prior
@@ -36,7 +39,7 @@ from .config import dump_toml, tomllib
 from .data import input_shape, load_splits
 from .errors import PriorError, RunError
 from .gaussian import component_log_probs
-from .registry import PriorContext, build_prior, pin_prior_spec
+from .registry import Prior, PriorContext, build_prior, get_prior_class, pin_prior_spec
 from .runs import (
     AGGREGATE,
     EXPOST_PREFIX,
@@ -52,6 +55,7 @@ from .runs import (
 
 __all__ = ["fit_prior", "em_fit_mog", "load_prior_source", "prior_sources"]
 
+FIT_DEFAULTS = {"epochs": 100, "batch_size": 1000, "lr": 1e-3, "patience": 10}
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
 
 
@@ -137,16 +141,28 @@ def _kmeans_pp(z: torch.Tensor, k: int, sample: int = 20_000) -> torch.Tensor:
 
 
 def fit_prior(run_dir: str | Path, name: str, kwargs: dict[str, Any] | None = None,
-              label: str | None = None, method: str = "auto", epochs: int = 100,
-              batch_size: int = 1000, lr: float = 1e-3, patience: int = 10,
-              device: str | None = None, seed: int = 0, progress: bool = True,
-              trust_remote_code: bool = False) -> dict:
+              label: str | None = None, method: str = "auto", epochs: int | None = None,
+              batch_size: int | None = None, lr: float | None = None,
+              patience: int | None = None, device: str | None = None, seed: int = 0,
+              progress: bool = True, trust_remote_code: bool = False) -> dict:
     """Fit the registered prior ``name`` to the run's aggregated posterior and save it.
 
     Returns:
-        dict with ``label``, ``path``, ``val_nll`` (nats per validation code), ``epochs``,
-        ``method``, ``seconds``.
+        dict with ``label``, ``path``, ``val_loss`` (the objective per validation code),
+        ``val_nll`` (nats per validation code; only where the objective is the likelihood: a
+        diffusion prior's density costs an ODE solve per code), ``epochs``, ``method``,
+        ``seconds``.
+
+    ``epochs``, ``batch_size``, ``lr`` and ``patience`` left as None take the prior class's
+    ``fit_defaults`` (a diffusion model needs far more steps than a mixture), else
+    100, 1000, 1e-3 and 10.
     """
+    kwargs = dict(kwargs or {})
+    pinned, sha = pin_prior_spec(name)  # the user chose it here: pinned with its hash
+    given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "patience": patience}
+    settings = {**FIT_DEFAULTS, **get_prior_class(pinned, sha).fit_defaults,
+                **{k: v for k, v in given.items() if v is not None}}
+    epochs, batch_size, lr, patience = (settings[k] for k in given)
     _check_positive(epochs=epochs, batch_size=batch_size)
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) \
             or lr <= 0:
@@ -155,8 +171,7 @@ def fit_prior(run_dir: str | Path, name: str, kwargs: dict[str, Any] | None = No
         raise PriorError(f"--patience must be an integer >= 0, got {patience!r}")
     if method not in ("auto", "em", "gradient"):
         raise PriorError(f"--method must be auto, em or gradient, got {method!r}")
-    kwargs = dict(kwargs or {})
-    name, sha = pin_prior_spec(name)  # the user chose it here: pinned with its hash
+    name = pinned
     label = label or f"{EXPOST_PREFIX}{name.rpartition(':')[2]}"
     if label in (TRAINED, AGGREGATE) or not _LABEL.fullmatch(label):
         raise PriorError(f"--as {label!r}: a label is 1-64 letters, digits, '_', '.', '+', '-' "
@@ -191,12 +206,12 @@ def fit_prior(run_dir: str | Path, name: str, kwargs: dict[str, Any] | None = No
                 tqdm(total=epochs, desc=f"fit {label} ({method})", disable=not progress,
                      dynamic_ncols=True) as bar:
 
-            def log(step, train_nll, val_nll):
-                if train_nll is not None:
-                    writer.add_scalar("fit/train_nll", train_nll, step)
-                writer.add_scalar("fit/val_nll", val_nll, step)
+            def log(step, train_loss, val_loss):
+                if train_loss is not None:
+                    writer.add_scalar("fit/train_loss", train_loss, step)
+                writer.add_scalar("fit/val_loss", val_loss, step)
                 bar.update(1)
-                bar.set_postfix(val_nll=f"{val_nll:.3f}")
+                bar.set_postfix(val_loss=f"{val_loss:.3f}")
 
             if method == "em":
                 history = em_fit_mog(prior, mu_tr, lv_tr, z_val, iterations=epochs,
@@ -204,15 +219,18 @@ def fit_prior(run_dir: str | Path, name: str, kwargs: dict[str, Any] | None = No
             else:
                 history = _gradient_fit(prior, params, mu_tr, lv_tr, z_val, epochs, batch_size,
                                         lr, patience, log)
-        val_nll = _mean_nll(prior, z_val)
+        val_loss = _val_loss(prior, z_val)
+        scores = {"val_loss": val_loss}
+        if _likelihood_objective(prior):
+            scores["val_nll"] = val_loss
         # weights first, then the spec that makes the source visible: never a spec without
         # its weights
         save_checkpoint(weights_path, {"state_dict": prior.state_dict(), "method": method,
-                                       "val_nll": val_nll, "history": history})
+                                       **scores, "history": history})
         spec = {"prior": {"name": name, "file_sha256": sha}, "kwargs": kwargs}
         atomic_write_bytes(spec_path, dump_toml(spec).encode())
-    return {"label": label, "path": str(weights_path), "val_nll": val_nll,
-            "epochs": len(history), "method": method, "seconds": time.perf_counter() - t0}
+    return {"label": label, "path": str(weights_path), **scores, "epochs": len(history),
+            "method": method, "seconds": time.perf_counter() - t0}
 
 
 def _check_positive(**values) -> None:
@@ -230,7 +248,9 @@ def _gradient_fit(prior, params, mu, logvar, z_val, epochs, batch_size, lr, pati
         z = _draw(mu, logvar)  # fresh codes every epoch
         total = 0.0
         for idx in torch.randperm(len(z), device=z.device).split(batch_size):
-            loss = -prior.log_prob(z[idx]).mean()
+            # the codes' positions in the training split: a prior made of training images
+            # leaves each code's own image out
+            loss = prior.fit_loss(z[idx], idx if prior.needs_data else None)
             if not torch.isfinite(loss):
                 raise PriorError(f"non-finite loss while fitting, epoch {epoch}; try a lower lr")
             opt.zero_grad(set_to_none=True)
@@ -238,9 +258,9 @@ def _gradient_fit(prior, params, mu, logvar, z_val, epochs, batch_size, lr, pati
             opt.step()
             total += loss.item() * len(idx)
         prior.eval()
-        val = _mean_nll(prior, z_val)
+        val = _val_loss(prior, z_val)
         prior.train()
-        history.append({"epoch": epoch, "train_nll": total / len(z), "val_nll": val})
+        history.append({"epoch": epoch, "train_loss": total / len(z), "val_loss": val})
         log(epoch, total / len(z), val)
         if val < best - 1e-4:
             best, bad = val, 0
@@ -252,6 +272,23 @@ def _gradient_fit(prior, params, mu, logvar, z_val, epochs, batch_size, lr, pati
     prior.load_state_dict(best_state)
     prior.eval()
     return history
+
+
+def _likelihood_objective(prior) -> bool:
+    return type(prior).fit_loss is Prior.fit_loss
+
+
+@torch.no_grad()
+def _val_loss(prior, z_val: torch.Tensor, batch: int = 10_000) -> float:
+    """The fit objective per validation code, in evaluation mode: the mean negative
+    log-likelihood, or a prior's own ``fit_loss`` with its noise fixed (the same draws every
+    epoch, the caller's random stream untouched), so epochs compare."""
+    if _likelihood_objective(prior):
+        return _mean_nll(prior, z_val, batch)
+    with torch.random.fork_rng(devices=[z_val.device] if z_val.device.type == "cuda" else []):
+        torch.manual_seed(0)
+        return sum(prior.fit_loss(z_val[i:i + batch]).item() * len(z_val[i:i + batch])
+                   for i in range(0, len(z_val), batch)) / len(z_val)
 
 
 def prior_sources(run: Run) -> list[str]:
@@ -288,8 +325,13 @@ def load_prior_source(run: Run, model, source: str = TRAINED, splits=None):
             from None
     check_prior_code(name, sha, spec_path, run.path, run.trust_remote_code)
     shape = input_shape(run.config.data.name)
-    context = PriorContext(encoder=_frozen(model.encoder), input_shape=shape,
-                           data=torch.zeros(1, *shape))
+    if get_prior_class(name, sha).needs_data:  # made of training images: the same ones again
+        if splits is None:
+            splits = load_splits(run.config.data, device=device)
+        data = splits.x_train
+    else:
+        data = torch.zeros(1, *shape)
+    context = PriorContext(encoder=_frozen(model.encoder), input_shape=shape, data=data)
     prior = build_prior(name, latent_dim=run.config.model.latent_dim, context=context,
                         file_sha256=sha, **kwargs).to(device)
     saved = load_checkpoint(weights_path, map_location=device)

@@ -51,10 +51,11 @@ def two_sample(real: torch.Tensor, fake: torch.Tensor, prefix: str) -> tuple[dic
 def mean_elbo(model: VAE, x: torch.Tensor, batch_size: int = 1000) -> dict[str, float]:
     """Mean single-sample ELBO, reconstruction and KL over the binary images ``x`` (N, ...)."""
     sums = {"elbo": 0.0, "recon": 0.0, "kl": 0.0}
-    for batch in iterate_batches(x, batch_size, shuffle=False, dynamic_binarization=False):
-        terms = model(batch)
-        for k in sums:
-            sums[k] += terms[k].sum().item()
+    with model.prior.frozen():  # work that depends on the prior's parameters alone: once
+        for batch in iterate_batches(x, batch_size, shuffle=False, dynamic_binarization=False):
+            terms = model(batch)
+            for k in sums:
+                sums[k] += terms[k].sum().item()
     return {k: v / len(x) for k, v in sums.items()}
 
 
@@ -97,6 +98,11 @@ def diagnose(model: VAE, splits: Splits, classifier=None, n: int = 10_000,
         pictures need (log q histograms, posterior means, samples, the aggregate).
     """
     model.eval()
+    with model.prior.frozen():  # e.g. an estimated normaliser: estimated once for all of it
+        return _diagnose(model, splits, classifier, n, train_subset, heldout, heldout_labels)
+
+
+def _diagnose(model, splits, classifier, n, train_subset, heldout, heldout_labels):
     x_train = splits.x_train if train_subset is None else splits.x_train[:train_subset]
     held = splits.x_test if heldout is None else heldout
     labels = splits.y_test if heldout_labels is None else heldout_labels

@@ -19,7 +19,21 @@ entry-point group ``priorvae.priors``.
 
 Priors that need context get it at build time by naming it in ``__init__``: ``encoder`` (the
 VAE's encoder module), ``input_shape`` (C, H, W) and ``data`` (training images (N, C, H, W),
-grey levels in [0, 1]; a placeholder when a run is restored from a checkpoint).
+grey levels in [0, 1]; a placeholder when a run is restored from a checkpoint, unless the class
+sets ``needs_data = True``: then a restored run loads the training split again).
+
+What a prior class may declare besides ``_log_prob``/``_sample`` (the trainer, ``fit-prior``,
+``evaluate`` and the contract tests read these; the defaults suit an ordinary density):
+
+- ``needs_data``: built from the training images themselves (exemplar); restoring needs them,
+  and ``log_prob(z, exclude=index)`` leaves each training image's own part out.
+- ``joint``: can be trained jointly with the VAE (False: ex-post only; ``train`` refuses it).
+- ``estimated_normalizer``: ``log_prob`` uses a Monte-Carlo estimate of its normaliser, whose
+  standard error ``log_normalizer_stderr()`` reports (nats).
+- ``fit_loss(z, index)``: the ex-post objective (default: maximum likelihood), and
+  ``fit_defaults``: fit-prior's epochs / batch_size / lr / patience where they differ.
+- ``evaluation_limits``: the largest K / number of test images whose IWAE bound is affordable
+  (None: no limit); ``evaluate`` falls back to them and records that it did.
 """
 
 from __future__ import annotations
@@ -70,6 +84,11 @@ class Prior(nn.Module):
     """
 
     prior_name: str = ""
+    needs_data: bool = False  # built from the training images; restoring needs them again
+    joint: bool = True  # can be the prior of the ELBO during training
+    estimated_normalizer: bool = False  # log_prob includes a Monte-Carlo estimate of log Z
+    evaluation_limits: dict | None = None  # e.g. {"iw_samples": 100, "test_images": 500}
+    fit_defaults: dict = {}  # fit-prior's epochs / batch_size / lr / patience for this prior
 
     def __init__(self, latent_dim: int):
         super().__init__()
@@ -82,14 +101,22 @@ class Prior(nn.Module):
     def _name(self) -> str:
         return self.prior_name or type(self).__name__
 
-    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        """log p(z): (B, D) -> (B,)."""
+    def log_prob(self, z: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
+        """log p(z): (B, D) -> (B,).
+
+        ``exclude`` (B,) names the training images the codes z belong to (their indices into
+        the ``data`` context); a prior built from the training images (``needs_data``) leaves
+        each one's own part out (leave-one-out), others ignore it.
+        """
         if z.dim() != 2 or z.shape[1] != self.latent_dim:
             raise PriorError(
                 f"{self._name()}.log_prob expects z of shape (B, {self.latent_dim}), "
                 f"got {tuple(z.shape)}"
             )
-        out = self._log_prob(z)
+        if exclude is not None and self.needs_data:
+            out = self._log_prob(z, exclude=exclude)
+        else:
+            out = self._log_prob(z)
         if out.shape != (z.shape[0],):
             raise PriorError(
                 f"{self._name()}._log_prob returned shape {tuple(out.shape)}, "
@@ -112,6 +139,22 @@ class Prior(nn.Module):
 
     def _sample(self, n: int) -> torch.Tensor:
         raise NotImplementedError
+
+    def fit_loss(self, z: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
+        """The scalar ``fit-prior`` minimises on codes z (B, D) of the training images
+        ``index`` (B,): the mean negative log-likelihood unless a prior has its own objective
+        (the diffusion prior: denoising score matching)."""
+        return -self.log_prob(z, exclude=index).mean()
+
+    def log_normalizer_stderr(self) -> float | None:
+        """Monte-Carlo standard error (nats) of the log-normaliser estimate that ``log_prob``
+        uses outside training, for priors with ``estimated_normalizer``; None otherwise."""
+        return None
+
+    def in_training_step(self) -> bool:
+        """True inside an optimisation step (training mode, gradients on): where priors may use
+        cheaper stochastic estimates (a subset of exemplars, a batch estimate of Z)."""
+        return self.training and torch.is_grad_enabled()
 
     @contextlib.contextmanager
     def frozen(self):

@@ -394,11 +394,16 @@ class Run:
         return ckpt
 
     def build_model(self, data: torch.Tensor | None = None):
-        """The VAE that config.toml describes, freshly initialised."""
-        from .data import input_shape
+        """The VAE that config.toml describes, freshly initialised (a prior made of the
+        training images, ``needs_data``, gets the training split loaded again)."""
+        from .data import input_shape, load_splits
+        from .registry import get_prior_class
         from .vae import build_vae
 
-        return build_vae(self.config, input_shape(self.config.data.name), data=data)
+        cfg = self.config
+        if data is None and get_prior_class(cfg.prior.name, cfg.prior.file_sha256).needs_data:
+            data = load_splits(cfg.data).x_train
+        return build_vae(cfg, input_shape(cfg.data.name), data=data)
 
     def load_model(self, which: str = "best", device: str | torch.device = "cpu",
                    checkpoint: dict | None = None):

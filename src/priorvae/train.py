@@ -30,7 +30,7 @@ from .vae import VAE, build_vae
 
 __all__ = ["train", "train_epoch", "TrainState", "train_step", "beta_at", "global_mean_elbo",
            "make_optimizer", "normalize_gradients", "epoch_order", "local_batches",
-           "compile_forward"]
+           "compile_forward", "check_joint"]
 
 
 @dataclass
@@ -75,20 +75,22 @@ def normalize_gradients(params, eps: float = 1e-7) -> None:
 
 def train_step(model, opt: torch.optim.Optimizer, x: torch.Tensor, beta: float,
                global_batch: int | None = None, grad_norm: bool = False,
-               autocast: bool = False, forward=None) -> torch.Tensor:
+               autocast: bool = False, forward=None,
+               index: torch.Tensor | None = None) -> torch.Tensor:
     """One optimisation step on the (local) batch ``x``; returns the detached sums over it of
     (loss, elbo, recon, kl) as one (4,) tensor, without synchronising with the device.
 
     The loss is ``sum over x of -(recon - beta * kl) / (global_batch / world)``: with DDP
     averaging gradients over the world this is the mean over the global batch, and with one
     process (``global_batch = len(x)``) the plain batch mean. ``forward`` is the (compiled or
-    DDP-wrapped) module to call, ``model`` by default.
+    DDP-wrapped) module to call, ``model`` by default. ``index`` (B,): the images' positions in
+    the training split, for priors made of training images (leave-one-out).
     """
     forward = model if forward is None else forward
     n = len(x)
     per_rank = (global_batch or n) / world_size()
     with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=autocast):
-        terms = forward(x)
+        terms = forward(x) if index is None else forward(x, index)
     per_image = -(terms["recon"] - beta * terms["kl"])
     loss = per_image.sum() / per_rank
     opt.zero_grad(set_to_none=True)
@@ -109,7 +111,8 @@ def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Te
 
 def local_batches(x: torch.Tensor, order: torch.Tensor, batch_size: int, env: DistEnv,
                   dynamic_binarization: bool = True):
-    """This rank's share of each global batch: (binarized local batch, global batch size).
+    """This rank's share of each global batch: (binarized local batch, global batch size,
+    the local batch's positions in ``x``).
 
     Global batch b is ``order[b*B:(b+1)*B]``; rank r takes positions r, r + W, r + 2W, ... of
     it, so W processes together take exactly the batches one process would. A last global
@@ -124,7 +127,7 @@ def local_batches(x: torch.Tensor, order: torch.Tensor, batch_size: int, env: Di
         else:
             idx_local = idx
         batch = x[idx_local]
-        yield (binarize(batch) if dynamic_binarization else batch), len(idx)
+        yield (binarize(batch) if dynamic_binarization else batch), len(idx), idx_local
 
 
 @torch.no_grad()
@@ -182,9 +185,12 @@ def train_epoch(model: VAE, opt: torch.optim.Optimizer, x_train: torch.Tensor, e
     steps = tqdm(local_batches(x_train, order, tc.batch_size, env), leave=False,
                  total=math.ceil(len(x_train) / tc.batch_size), desc=f"epoch {epoch}",
                  disable=not progress, dynamic_ncols=True)
-    for step, (x, global_n) in enumerate(steps, start=1):
+    # a prior made of the training images must know which images a batch holds, so that no
+    # image scores itself (the exemplar prior's leave-one-out)
+    needs_index = getattr(model.prior, "needs_data", False)
+    for step, (x, global_n, idx) in enumerate(steps, start=1):
         step_sums = train_step(model, opt, x, beta, global_n, tc.grad_norm == "unit",
-                               tc.precision == "bf16", forward)
+                               tc.precision == "bf16", forward, idx if needs_index else None)
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_sums[0]), step, first_bad)
         sums[:4] += step_sums
         sums[4] += len(x)
@@ -197,6 +203,18 @@ def train_epoch(model: VAE, opt: torch.optim.Optimizer, x_train: torch.Tensor, e
                             + (f"step {bad_step}" if bad_step > 0 else "a step"))
     totals = sums.tolist()
     return {k: totals[i] / totals[4] for i, k in enumerate(("loss", "elbo", "recon", "kl"))}
+
+
+def check_joint(cfg: Config) -> None:
+    """Refuse, in one line, a prior that cannot be trained jointly (``joint = False``)."""
+    from .registry import get_prior_class
+
+    name = cfg.prior.name
+    if not get_prior_class(name, cfg.prior.file_sha256).joint:
+        short = name.rpartition(":")[2]
+        raise ConfigError(f"[prior] name = {short!r} is ex-post only: its log-density is too "
+                          f"costly to train with the VAE (an ODE solve per step); train with "
+                          f"another prior, then: priorvae fit-prior RUN_DIR --prior {short}")
 
 
 def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
@@ -222,6 +240,7 @@ def _train(cfg: Config, run_dir: Path, progress: bool, env: DistEnv,
                           f"at least the number of processes ({env.world_size})")
     # data, networks and prior are built before the folder is touched: a rejected argument
     # leaves nothing behind
+    check_joint(cfg)
     splits = load_splits(cfg.data, device=device)
     torch.manual_seed(tc.seed)
     model = build_vae(cfg, splits.input_shape, data=splits.x_train).to(device)

@@ -25,9 +25,10 @@ from einops import rearrange, repeat
 from torch import nn
 
 from .config import Config
+from .errors import PriorError
 from .gaussian import LOG_2PI
 from .nets import BernoulliLikelihood, build_networks
-from .registry import PriorContext, build_prior
+from .registry import PriorContext, build_prior, get_prior_class
 
 __all__ = ["VAE", "build_vae"]
 
@@ -64,9 +65,13 @@ class VAE(nn.Module):
         """Decoder output (Bernoulli logits for binary data): (B, D) -> (B, ...)."""
         return self.decoder(z)
 
-    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, x: torch.Tensor, index: torch.Tensor | None = None
+                ) -> dict[str, torch.Tensor]:
         """Per-image terms of the single-sample ELBO, each (B,): ``recon`` = log p(x|z),
         ``kl`` = log q(z|x) - log p(z), ``elbo`` = recon - kl.
+
+        ``index`` (B,): the images' positions in the training split, given by the trainer so
+        that a prior made of training images never scores an image with itself.
 
         Under bf16 autocast only the networks' matrix products run in bf16: z, log q(z|x),
         the prior's log-density and the likelihood are computed in float32.
@@ -79,9 +84,9 @@ class VAE(nn.Module):
         log_q = -0.5 * (LOG_2PI + logvar + eps**2).sum(-1)
         if torch.is_autocast_enabled(z.device.type):
             with torch.autocast(z.device.type, enabled=False):
-                log_p = self.prior.log_prob(z)
+                log_p = self.prior.log_prob(z, exclude=index)
         else:
-            log_p = self.prior.log_prob(z)
+            log_p = self.prior.log_prob(z, exclude=index)
         kl = log_q - log_p
         return {"recon": recon, "kl": kl, "elbo": recon - kl}
 
@@ -136,6 +141,9 @@ def build_vae(cfg: Config, input_shape, data: torch.Tensor | None = None) -> VAE
     """Networks from ``[model]``, prior from ``[prior]`` (given the encoder as context)."""
     encoder, decoder = build_networks(cfg.model, input_shape)
     if data is None:  # restoring: priors that initialise from data get a placeholder
+        if get_prior_class(cfg.prior.name, cfg.prior.file_sha256).needs_data:
+            raise PriorError(f"prior {cfg.prior.name!r} is made of the training images: "
+                             f"build it with data=the training split (Run.build_model does)")
         data = torch.zeros(1, *input_shape)
     context = PriorContext(encoder=encoder, input_shape=tuple(input_shape), data=data)
     prior = build_prior(cfg.prior.name, latent_dim=cfg.model.latent_dim, context=context,
