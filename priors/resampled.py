@@ -55,13 +55,16 @@ class ResampledPrior(Prior):
 
     def __init__(self, latent_dim: int, base: str = "standard_normal",
                  base_args: dict | None = None, hidden: tuple = (100, 100), truncation: int = 100,
-                 batch_normalizer: int = 1024, ema: float = 0.99, n_normalizer: int = 1_000_000):
+                 batch_normalizer: int = 1024, ema: float = 0.99, n_normalizer: int = 100_000):
         super().__init__(latent_dim)
         if truncation < 1 or batch_normalizer < 2 or n_normalizer < 2 or not 0 <= ema < 1:
             raise PriorError(f"resampled: need truncation >= 1, batch_normalizer >= 2, "
                              f"n_normalizer >= 2 and 0 <= ema < 1; got {truncation}, "
                              f"{batch_normalizer}, {n_normalizer}, {ema}")
-        self.base = build_prior(base, latent_dim=latent_dim, **(base_args or {}))
+        try:
+            self.base = build_prior(base, latent_dim=latent_dim, **(base_args or {}))
+        except PriorError as exc:
+            raise PriorError(f"resampled: base = {base!r}: {exc}") from None
         widths = [latent_dim, *hidden]
         layers = [m for a, b in zip(widths, widths[1:], strict=False)
                   for m in (nn.Linear(a, b), nn.Tanh())]
