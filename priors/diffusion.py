@@ -29,7 +29,9 @@ integrated with a fixed-step RK4 solver (``ode_steps`` uniform steps) and the
 network evaluation, affordable for D <= 64). Sampling integrates the same ODE backwards from
 z_1 ~ N(0, I). Density and samples agree up to the solver's error; with the exact noise of a
 centred Gaussian target the log-density is within 2e-3 nats of the closed form at 16 steps in
-D = 2 and 16 (tests/test_remedies.py; benchmarks/README.md has the cost).
+D = 2 and 16 (tests/test_remedies.py; benchmarks/README.md has the cost). Fitted to the
+codes of the MNIST standard-normal VAE (D = 40), the default 32 steps differ from 64 by 0.011
+nats per point on average (max 0.03; 16 steps: 0.046, 8 steps: 0.11).
 
 Cost: one ``log_prob`` point is 4 * ode_steps network passes with D tangents each, thousands
 of times a standard prior's. The prior is therefore **ex-post only** (``joint = False``:
