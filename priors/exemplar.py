@@ -55,8 +55,8 @@ class ExemplarPrior(Prior):
         if n_exemplars is not None and not 2 <= n_exemplars <= n:
             raise PriorError(f"exemplar: n_exemplars must be in [2, {n}] (the training images), "
                              f"got {n_exemplars}")
-        if subset < 1:
-            raise PriorError(f"exemplar: subset must be positive, got {subset}")
+        if subset < 2:  # with one, leave-one-out could leave an image no exemplar at all
+            raise PriorError(f"exemplar: subset must be at least 2, got {subset}")
         self.encoder = encoder
         self.subset = int(subset)
         index = (torch.arange(n) if n_exemplars is None
