@@ -4,9 +4,10 @@ import pytest
 
 from conftest import tiny_toml
 from priorvae.cli import main
-from priorvae.compare import grid
+from priorvae.compare import execution_order, grid
 from priorvae.config import load_config
 from priorvae.errors import ConfigError
+from priorvae.runs import Run
 
 
 def test_grid_expands_priors_seeds_and_latent_sizes(tmp_path):
@@ -26,6 +27,33 @@ def test_grid_errors(tmp_path):
         grid(load_config(tiny_toml(tmp_path / "c.toml")))
     with pytest.raises(ConfigError, match="unknown key"):
         grid(load_config(tiny_toml(tmp_path / "c.toml"), ["compare.prior=[1]"]))
+    for table, match in [("flow = [0]", "names 'flow', which is not in"),
+                         ("mog = [0, 0]", "prior_seeds.mog .*twice"),
+                         ("mog = [-1]", "prior_seeds.mog must be .*>= 0")]:
+        with pytest.raises(ConfigError, match=match):
+            grid(load_config(_with_compare(tmp_path, f"[compare.prior_seeds]\n{table}\n")))
+    with pytest.raises(ConfigError, match="must be a table of PRIOR"):
+        grid(load_config(_with_compare(tmp_path, "prior_seeds = 3\n")))
+
+
+def _with_compare(tmp_path, extra: str, priors='["standard_normal", "mog"]', seeds="[0]"):
+    config = tiny_toml(tmp_path / "c.toml")
+    with open(config, "a") as f:
+        f.write(f"\n[compare]\npriors = {priors}\nseeds = {seeds}\n{extra}")
+    return config
+
+
+def test_prior_seeds_and_seed_by_seed_order(tmp_path):
+    cfg = load_config(_with_compare(tmp_path, "[compare.prior_seeds]\nflow = [0, 1, 2]\n"
+                                    "mog = [5]\n", '["standard_normal", "mog", "flow"]', "[0, 1]"))
+    runs = grid(cfg)
+    assert [n for n, _ in runs] == ["standard_normal-seed0", "standard_normal-seed1",
+                                    "mog-seed5", "flow-seed0", "flow-seed1", "flow-seed2"]
+    assert dict(runs)["flow-seed2"].train.seed == 2
+    # run seed by seed, so stopping early leaves the priors with the same seeds
+    assert [n for n, _ in execution_order(runs)] == [
+        "standard_normal-seed0", "flow-seed0", "standard_normal-seed1", "flow-seed1",
+        "mog-seed5", "flow-seed2"]
 
 
 def test_compare_writes_results_and_resumes(tmp_path, capsys):
@@ -44,7 +72,8 @@ def test_compare_writes_results_and_resumes(tmp_path, capsys):
                 "feature_precision", "feature_c2st_auc"):
         assert all(r[col] not in ("", None) for r in rows), col
     md = (out / "results.md").read_text()
-    assert "| standard_normal | 2 | 2 |" in md and "±" in md and "latent_c2st_auc" in md
+    assert "| standard_normal | 2 | 0, 1 | 2 | cpu |" in md
+    assert "±" in md and "latent_c2st_auc" in md
     assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     assert "n_components = 3" in (out / "mog-seed0" / "config.toml").read_text()
     capsys.readouterr()
@@ -65,3 +94,26 @@ def test_compare_adds_expost_rows(tmp_path):
         "standard_normal", "standard_normal+expost-mog", "standard_normal+aggregate", "mog"]
     assert all(r["test_nll"] and r["hole_rate"] for r in rows)
     assert "standard_normal+expost-mog" in (out / "results.md").read_text()
+
+
+def test_compare_skips_a_cell_another_process_holds(tmp_path, capsys):
+    config = tiny_toml(tmp_path / "c.toml", train={"epochs": 2})
+    with open(config, "a") as f:
+        f.write('\n[compare]\npriors = ["standard_normal", "mog"]\nseeds = [0]\n')
+    out = tmp_path / "exp"
+    busy = out / "mog-seed0"
+    busy.mkdir(parents=True)
+    # the lock is per open file, so holding it here stands for a second process
+    with Run(busy, load_config(config)).lock("train"):
+        assert main(["compare", str(config), "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "mog-seed0: skipped" in printed and "in use by priorvae train" in printed
+    assert "tables without 1 unfinished cell(s): mog-seed0" in printed
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["prior"] for r in rows] == ["standard_normal"]
+    assert "partial: mog-seed0 not finished" in (out / "results.md").read_text()
+    # once the other process is gone, the next call does the cell and writes the full table
+    assert main(["compare", str(config), "--out", str(out), "--quiet"]) == 0
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert [r["prior"] for r in rows] == ["standard_normal", "mog"]
+    assert "partial" not in (out / "results.md").read_text()

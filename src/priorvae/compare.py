@@ -6,6 +6,8 @@ The config's ``[compare]`` table (ignored by ``train``) declares the grid::
     priors = ["standard_normal", "mog", "vampprior", "flow"]
     seeds = [0, 1]
     latent_dims = [2, 8]          # optional
+    [compare.prior_seeds]         # optional: other seeds for some priors
+    vampprior = [0, 1, 2]
     expost = ["mog", "flow"]      # optional: ex-post priors fitted to each run (+ "aggregate")
     expost_on = ["standard_normal"]  # optional: only these priors' runs get them (default all)
     [compare.args.mog]            # optional: arguments for one prior of the grid
@@ -13,8 +15,13 @@ The config's ``[compare]`` table (ignored by ``train``) declares the grid::
 
 Every run shares the ``[data] [model] [train] [eval]`` tables and lives in its own folder under
 the experiment folder; finished and evaluated runs are skipped, so an interrupted comparison
-resumes where it stopped. At the end: ``results.csv`` (one row per run), ``results.md``
-(mean ± std over seeds) and ``comparison.png`` (sample grids per prior, key metrics as bars).
+resumes where it stopped. Cells run seed by seed (every prior's first seed, then every prior's
+second...), so a comparison stopped halfway has the same seeds for every prior. A cell that
+another process holds (a second ``compare`` on the same folder, a ``train`` or ``evaluate``) is
+skipped, so two processes can share one grid; the tables are read from every cell's
+metrics.json at the end and name the cells that are not finished. At the end: ``results.csv``
+(one row per run), ``results.md`` (mean ± std over seeds) and ``comparison.png`` (sample grids
+per table row, key metrics as bars with error bars where a row has two or more seeds).
 """
 
 from __future__ import annotations
@@ -31,18 +38,19 @@ from typing import Any
 import torch
 
 from .config import Config, PriorConfig, load_config, validate
-from .errors import ConfigError, PriorVAEError, RunError
+from .errors import ConfigError, PriorVAEError, RunBusyError, RunError
 from .measure import DIAGNOSTIC_KEYS
 from .registry import pin_prior_spec
 from .runs import AGGREGATE, EXPOST_PREFIX, FINISHED, TRAINED, Run, atomic_write_bytes
 
-__all__ = ["grid", "check_grid", "run_compare", "write_results", "RESULT_COLUMNS"]
+__all__ = ["grid", "execution_order", "check_grid", "run_compare", "write_results",
+           "RESULT_COLUMNS"]
 
 RESULT_COLUMNS = ["prior", "seed", "latent_dim", "test_elbo", "test_nll",
                   *(k for k in DIAGNOSTIC_KEYS if k != "class_entropy_aggregate"),
-                  "train_seconds", "epochs_trained", "iw_samples", "test_images",
+                  "train_seconds", "epochs_trained", "device", "iw_samples", "test_images",
                   "log_normalizer_stderr", "evaluation_fallback"]
-_COMPARE_KEYS = {"priors", "seeds", "latent_dims", "args", "expost", "expost_on"}
+_COMPARE_KEYS = {"priors", "seeds", "prior_seeds", "latent_dims", "args", "expost", "expost_on"}
 
 
 def _unique_list(key: str, value, kind: str, low: int | None = None) -> list:
@@ -59,7 +67,8 @@ def _unique_list(key: str, value, kind: str, low: int | None = None) -> list:
 
 
 def grid(cfg: Config) -> list[tuple[str, Config]]:
-    """(run name, config) for every cell of the ``[compare]`` grid, every value checked."""
+    """(run name, config) for every cell of the ``[compare]`` grid, every value checked, in
+    table order (prior, latent size, seed)."""
     spec = cfg.extra.get("compare")
     if not spec:
         raise ConfigError("the config has no [compare] table; add e.g.\n[compare]\n"
@@ -81,14 +90,25 @@ def grid(cfg: Config) -> list[tuple[str, Config]]:
     if stray:
         raise ConfigError(f"[compare.args.{stray[0]}] names a prior that is not in [compare] "
                           f"priors ({', '.join(priors)})")
+    prior_seeds = spec.get("prior_seeds", {})
+    if not isinstance(prior_seeds, dict):
+        raise ConfigError("[compare.prior_seeds] must be a table of PRIOR = [seeds], e.g. "
+                          "vampprior = [0, 1, 2]")
+    stray = [k for k in prior_seeds if k not in shorts]
+    if stray:
+        raise ConfigError(f"[compare.prior_seeds] names {stray[0]!r}, which is not in "
+                          f"[compare] priors ({', '.join(priors)})")
+    for key, value in prior_seeds.items():
+        _unique_list(f"prior_seeds.{key}", value, "int", 0)
     runs = []
     for prior in priors:
         pinned, sha = pin_prior_spec(prior)
         short = prior.rpartition(":")[2]
         kwargs = dict(args.get(prior, args.get(short, cfg.prior.kwargs
                                                 if prior == cfg.prior.name else {})))
+        own_seeds = prior_seeds.get(prior, prior_seeds.get(short, seeds))
         for dim in dims or [cfg.model.latent_dim]:
-            for seed in seeds:
+            for seed in own_seeds:
                 run_cfg = replace(cfg, prior=PriorConfig(pinned, kwargs, sha),
                                   model=replace(cfg.model, latent_dim=dim),
                                   train=replace(cfg.train, seed=seed), extra={})
@@ -96,6 +116,15 @@ def grid(cfg: Config) -> list[tuple[str, Config]]:
                 name = f"{short}-d{dim}-seed{seed}" if dims else f"{short}-seed{seed}"
                 runs.append((name, run_cfg))
     return runs
+
+
+def execution_order(runs: list[tuple[str, Config]]) -> list[tuple[str, Config]]:
+    """The grid's cells seed by seed (stable: priors and sizes keep their order within a
+    seed), so that stopping early leaves every prior with the same seeds."""
+    rank: dict[int, int] = {}
+    for _, cfg in runs:
+        rank.setdefault(cfg.train.seed, len(rank))
+    return sorted(runs, key=lambda run: rank[run[1].train.seed])
 
 
 def _expost_plan(cfg: Config, runs: list[tuple[str, Config]]) -> tuple[list[str], set | None]:
@@ -181,6 +210,15 @@ def _mean_std(values: list) -> str:
     return f"{mean:.3g}" if n == 1 else f"{mean:.4g} ± {std:.2g}"
 
 
+def _span(values: list) -> str:
+    """'100' or '80–100': the epochs the runs of a row trained."""
+    values = [int(v) for v in values if v is not None]
+    if not values:
+        return "–"
+    low, high = min(values), max(values)
+    return str(low) if low == high else f"{low}–{high}"
+
+
 def write_results(out: Path, rows: list[dict[str, Any]], title: str = "") -> None:
     """results.csv (one row per run) and results.md (mean ± std over seeds per prior/dim)."""
     buffer = io.StringIO(newline="")
@@ -200,12 +238,15 @@ def write_results(out: Path, rows: list[dict[str, Any]], title: str = "") -> Non
              "active_units (count), fd_* (Fréchet distance in classifier features), "
              "latent_*/feature_* two-sample measures of prior samples against held-out codes/"
              "images (precision, recall, coverage in [0, 1]; c2st_auc 0.5 = indistinguishable), "
-             "train_seconds.", "",
-             "| prior | D | seeds | " + " | ".join(cols) + " |",
-             "|---" * (len(cols) + 3) + "|"]
+             "train_seconds; seeds: the seeds averaged, epochs: the epochs they trained.", "",
+             "| prior | D | seeds | epochs | device | " + " | ".join(cols) + " |",
+             "|---" * (len(cols) + 5) + "|"]
     for (prior, dim), group in groups.items():
         cells = [_mean_std([r[c] for r in group]) for c in cols]
-        lines.append(f"| {prior} | {dim} | {len(group)} | " + " | ".join(cells) + " |")
+        seeds = ", ".join(str(r["seed"]) for r in group)
+        lines.append(f"| {prior} | {dim} | {seeds} | {_span([r['epochs_trained'] for r in group])}"
+                     f" | {', '.join(sorted({str(r.get('device')) for r in group}))} | "
+                     + " | ".join(cells) + " |")
     notes = [f"- {r['prior']} (seed {r['seed']}): " + "; ".join(
         ([f"test_nll includes an estimated log Z, standard error "
           f"{r['log_normalizer_stderr']:.2g} nats"] if r.get("log_normalizer_stderr") is not None
@@ -216,39 +257,46 @@ def write_results(out: Path, rows: list[dict[str, Any]], title: str = "") -> Non
     atomic_write_bytes(out / "results.md", ("\n".join(lines) + "\n").encode())
 
 
-def comparison_figure(out: Path, runs: list[tuple[str, Config]], rows: list[dict]) -> Path:
-    """Prior-sample grids per prior (first seed) above bars of the key metrics."""
+def comparison_figure(out: Path, rows: list[dict]) -> Path:
+    """Prior-sample grids per table row (its first seed; ex-post rows sample their fitted
+    prior) above bars of the key metrics, with error bars where a row has 2 or more seeds."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import torch
 
+    from .expost import load_prior_source
     from .figures import grid_image
     from .measure import decode_samples
 
-    firsts: dict[str, tuple[str, Config]] = {}
-    for name, cfg in runs:
-        firsts.setdefault(f"{cfg.prior.name.rpartition(':')[2]} d{cfg.model.latent_dim}",
-                          (name, cfg))
+    firsts: dict[str, dict] = {}
+    for row in rows:
+        firsts.setdefault(f"{row['prior']} d{row['latent_dim']}", row)
     labels = list(firsts)
     metrics = [("test_nll", "test NLL (nats)"), ("marginal_kl", "KL(q(z) || p(z))"),
                ("kl_prior_to_agg", "KL(p(z) || q(z))"), ("hole_rate", "hole rate"),
                ("latent_precision", "latent precision"), ("latent_coverage", "latent coverage"),
                ("latent_c2st_auc", "classifier AUC p vs q"),
                ("fd_prior", "FD prior samples"), ("fd_aggregate", "FD q(z) samples")]
-    ncol = max(len(labels), 3)
-    fig = plt.figure(figsize=(max(3.2 * ncol, 2.4 * len(metrics)), 6.8))
-    grid_spec = fig.add_gridspec(2, 1, height_ratios=[1.1, 1])
-    top = grid_spec[0].subgridspec(1, ncol)
+    per_line = 6  # sample grids per line, so that a grid of many rows stays readable
+    lines = math.ceil(len(labels) / per_line)
+    ncol = min(max(len(labels), 3), per_line)
+    fig = plt.figure(figsize=(max(3.2 * ncol, 2.4 * len(metrics)), 3.6 * lines + 3.2))
+    grid_spec = fig.add_gridspec(2, 1, height_ratios=[1.1 * lines, 1])
+    top = grid_spec[0].subgridspec(lines, ncol)
     for i, label in enumerate(labels):
-        name, _ = firsts[label]
+        row = firsts[label]
+        run = Run.open(out / row["run"])
+        model = run.load_model()
+        source = row["prior"].partition("+")[2] or TRAINED
+        prior = load_prior_source(run, model, source)
         torch.manual_seed(0)
-        model = Run.open(out / name).load_model()
-        images = decode_samples(model, model.prior.sample(36))
-        ax = fig.add_subplot(top[0, i])
+        with prior.frozen():
+            images = decode_samples(model, prior.sample(36))
+        ax = fig.add_subplot(top[i // per_line, i % per_line])
         ax.imshow(grid_image(images, 6), cmap="gray", vmin=0, vmax=1)
-        ax.set_title(f"{label}: prior samples", fontsize=9)
+        ax.set_title(f"{label.rpartition(' d')[0]}: prior samples", fontsize=9)
         ax.axis("off")
     bottom = grid_spec[1].subgridspec(1, len(metrics))
     for j, (key, title) in enumerate(metrics):
@@ -261,8 +309,8 @@ def comparison_figure(out: Path, runs: list[tuple[str, Config]], rows: list[dict
             errs.append(std if count >= 2 else float("nan"))  # no bar from a single seed
         ax.bar(range(len(labels)), means, yerr=errs, color=[f"C{i}" for i in range(len(labels))],
                capsize=3)
-        ax.set_xticks(range(len(labels)), [lb.split(" d")[0] for lb in labels], rotation=45,
-                      ha="right", fontsize=8)
+        ax.set_xticks(range(len(labels)), [lb.rpartition(" d")[0] for lb in labels],
+                      rotation=45, ha="right", fontsize=8)
         ax.set_title(title, fontsize=9)
     fig.tight_layout()
     path = out / "comparison.png"
@@ -280,14 +328,61 @@ def _evaluated(metrics: dict) -> bool:
                 "best_epoch"))
 
 
-def run_compare(config_path: str | Path, overrides: list[str] | None = None,
-                out: str | Path | None = None, progress: bool = True) -> Path:
-    """Train and evaluate every run of the grid (skipping finished ones); write the results.
-    The whole grid is checked (every cell built) before anything is written."""
+def _run_cell(run_dir: Path, run_cfg: Config, step: str, expost_names: list[str],
+              progress: bool) -> None:
+    """Train and evaluate one cell unless it is done, then its missing ex-post sources."""
     from .evaluate import evaluate_run
     from .expost import fit_prior
     from .train import train
 
+    metrics = Run.open(run_dir).metrics() if (run_dir / "config.toml").is_file() else {}
+    done = _evaluated(metrics)
+    print(f"{step}: " + ("done, skipped" if done else "training"), flush=True)
+    if not done:
+        t0 = time.perf_counter()
+        train(run_cfg, run_dir, progress=progress)
+        metrics = evaluate_run(run_dir, progress=progress)
+        print(f"{step}: test NLL {metrics['test_nll']:.2f}, hole rate "
+              f"{metrics['hole_rate']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    for expost in expost_names:
+        label = AGGREGATE if expost == AGGREGATE else f"{EXPOST_PREFIX}{expost}"
+        saved = Run.open(run_dir).metrics().get("prior_sources", {}).get(label, {})
+        if "latent_c2st_auc" not in saved:
+            if label != AGGREGATE:
+                fit_prior(run_dir, expost, progress=progress)
+            saved = evaluate_run(run_dir, progress=progress, prior_source=label)
+            print(f"{step} with {label}: test NLL {saved['test_nll']:.2f}, "
+                  f"hole rate {saved['hole_rate']:.3f}", flush=True)
+
+
+def _collect_rows(out: Path, runs: list[tuple[str, Config]], expost_names: list[str],
+                  expost_on: set | None) -> tuple[list[dict], list[str]]:
+    """Table rows (grid order) from every cell's metrics.json, and the unfinished cells."""
+    rows, unfinished = [], []
+    for name, run_cfg in runs:
+        run_dir = out / name
+        metrics = Run.open(run_dir).metrics() if (run_dir / "config.toml").is_file() else {}
+        if not _evaluated(metrics):
+            unfinished.append(name)
+            continue
+        rows.append(_row(name, run_cfg, metrics))
+        if expost_on is not None and run_cfg.prior.name not in expost_on:
+            continue
+        for expost in expost_names:
+            label = AGGREGATE if expost == AGGREGATE else f"{EXPOST_PREFIX}{expost}"
+            saved = metrics.get("prior_sources", {}).get(label, {})
+            if "latent_c2st_auc" not in saved:
+                unfinished.append(f"{name}+{label}")
+                continue
+            rows.append(_row(name, run_cfg, {**saved, **{k: metrics.get(k) for k in (
+                "train_seconds", "epochs_trained", "device")}}, label))
+    return rows, unfinished
+
+
+def run_compare(config_path: str | Path, overrides: list[str] | None = None,
+                out: str | Path | None = None, progress: bool = True) -> Path:
+    """Train and evaluate every run of the grid (skipping finished ones); write the results.
+    The whole grid is checked (every cell built) before anything is written."""
     cfg = load_config(config_path, overrides)
     out = Path(out) if out else Path("runs") / f"{Path(config_path).stem}-compare"
     runs = grid(cfg)
@@ -302,36 +397,25 @@ def run_compare(config_path: str | Path, overrides: list[str] | None = None,
     header = "".join(f"# --set {o}\n" for o in overrides or [])
     atomic_write_bytes(out / "compare.toml",
                        (header + Path(config_path).read_text(encoding="utf-8")).encode())
-    rows = []
-    for i, (name, run_cfg) in enumerate(runs, start=1):
-        run_dir = out / name
-        metrics = Run.open(run_dir).metrics() if (run_dir / "config.toml").is_file() else {}
-        done = _evaluated(metrics)
-        print(f"[{i}/{len(runs)}] {name}: " + ("done, skipped" if done else "training"),
-              flush=True)
-        if not done:
-            t0 = time.perf_counter()
-            train(run_cfg, run_dir, progress=progress)
-            metrics = evaluate_run(run_dir, progress=progress)
-            print(f"[{i}/{len(runs)}] {name}: test NLL {metrics['test_nll']:.2f}, hole rate "
-                  f"{metrics['hole_rate']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
-        rows.append(_row(name, run_cfg, metrics))
-        if expost_on is not None and run_cfg.prior.name not in expost_on:
-            continue
-        for expost in expost_names:
-            label = AGGREGATE if expost == AGGREGATE else f"{EXPOST_PREFIX}{expost}"
-            saved = Run.open(run_dir).metrics().get("prior_sources", {}).get(label, {})
-            if "latent_c2st_auc" not in saved:
-                if label != AGGREGATE:
-                    fit_prior(run_dir, expost, progress=progress)
-                saved = evaluate_run(run_dir, progress=progress, prior_source=label)
-                print(f"[{i}/{len(runs)}] {name} with {label}: test NLL {saved['test_nll']:.2f}, "
-                      f"hole rate {saved['hole_rate']:.3f}", flush=True)
-            row = _row(name, run_cfg, {**saved, "train_seconds": metrics.get("train_seconds"),
-                                       "epochs_trained": metrics.get("epochs_trained")}, label)
-            rows.append(row)
-    write_results(out, rows, title=f"{Path(config_path).name}: {cfg.data.name}")
-    comparison_figure(out, runs, rows)
+    order = execution_order(runs)
+    for i, (name, run_cfg) in enumerate(order, start=1):
+        step = f"[{i}/{len(order)}] {name}"
+        try:
+            _run_cell(out / name, run_cfg, step, expost_names
+                      if expost_on is None or run_cfg.prior.name in expost_on else [], progress)
+        except RunBusyError as exc:  # another process works in this cell: leave it to it
+            print(f"{step}: skipped, {exc}", flush=True)
+    rows, unfinished = _collect_rows(out, runs, expost_names, expost_on)
+    if not rows:
+        raise RunError(f"no cell of {out} is finished yet ({', '.join(unfinished)}); run "
+                       f"compare again when the processes working in them end")
+    title = f"{Path(config_path).name}: {cfg.data.name}"
+    if unfinished:
+        title += f" (partial: {', '.join(unfinished)} not finished)"
+        print(f"tables without {len(unfinished)} unfinished cell(s): {', '.join(unfinished)}; "
+              f"run compare again when they end", flush=True)
+    write_results(out, rows, title=title)
+    comparison_figure(out, rows)
     atomic_write_bytes(out / "results.json", (json.dumps(rows, indent=1) + "\n").encode())
     print(f"wrote {out / 'results.csv'}, {out / 'results.md'}, {out / 'comparison.png'}")
     return out

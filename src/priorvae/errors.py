@@ -1,6 +1,7 @@
 """Exceptions that the command line prints as one clear line, without a traceback."""
 
-__all__ = ["PriorVAEError", "ConfigError", "DataError", "PriorError", "TrainingError", "RunError"]
+__all__ = ["PriorVAEError", "ConfigError", "DataError", "PriorError", "TrainingError", "RunError",
+           "RunBusyError"]
 
 
 class PriorVAEError(Exception):
@@ -25,3 +26,7 @@ class TrainingError(PriorVAEError):
 
 class RunError(PriorVAEError):
     """A run folder is missing, incomplete, or holds a different configuration."""
+
+
+class RunBusyError(RunError):
+    """Another process holds the run folder's lock (training, evaluating or fitting in it)."""

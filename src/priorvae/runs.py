@@ -41,7 +41,7 @@ from typing import Any
 import torch
 
 from .config import Config, dump_toml, load_config
-from .errors import ConfigError, RunError
+from .errors import ConfigError, RunBusyError, RunError
 
 try:
     import fcntl
@@ -300,7 +300,7 @@ class Run:
         except OSError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
             os.close(fd)
-            raise RunError(f"{self.path} is in use by {holder or 'another priorvae process'}; "
+            raise RunBusyError(f"{self.path} is in use by {holder or 'another priorvae process'}; "
                            f"{command} must wait until it ends") from None
         try:
             if exclusive:

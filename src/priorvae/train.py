@@ -23,7 +23,7 @@ from .config import Config
 from .data import binarize, load_splits
 from .distributed import DistEnv, all_reduce_sum, broadcast_object, teardown, world_size
 from .distributed import setup as dist_setup
-from .errors import ConfigError, PriorVAEError, RunError, TrainingError
+from .errors import ConfigError, PriorVAEError, RunBusyError, RunError, TrainingError
 from .measure import diagnose, mean_elbo
 from .runs import CONFIG_FILE, FINISHED, Run, load_weights, run_config_dict
 from .vae import VAE, build_vae
@@ -353,11 +353,11 @@ def _claim_run(run_dir: Path, cfg: Config, env: DistEnv, stack: contextlib.ExitS
             phase = ("finished" if run.status in FINISHED else
                      "resume" if run.checkpoint_path("last").is_file() else "new")
             answer = ("ok", phase)
-        except PriorVAEError as exc:
-            answer = ("error", str(exc))
+        except PriorVAEError as exc:  # every rank raises it, busy or not (compare skips busy)
+            answer = ("busy" if isinstance(exc, RunBusyError) else "error", str(exc))
     kind, value = broadcast_object(answer, env)
-    if kind == "error":
-        raise RunError(value)
+    if kind != "ok":
+        raise (RunBusyError if kind == "busy" else RunError)(value)
     if run is None:  # other ranks read the folder rank 0 owns
         run = Run(run_dir, cfg, trust_remote_code=True)
     return run, value
