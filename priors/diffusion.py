@@ -49,6 +49,7 @@ References:
 """
 
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -143,7 +144,9 @@ class DiffusionPrior(Prior):
             out = self.residual(zi[None], t.reshape(1))[0]
             return out, out
 
-        jac, r = vmap(jacfwd(one, has_aux=True))(z)  # (B, D, D), (B, D)
+        with warnings.catch_warnings():  # torch's forward-mode set-up calls torch.jit.script
+            warnings.filterwarnings("ignore", ".*torch.jit.script. is deprecated", FutureWarning)
+            jac, r = vmap(jacfwd(one, has_aux=True))(z)  # (B, D, D), (B, D)
         half_beta = 0.5 * self.beta(t)
         return half_beta * r, half_beta * jac.diagonal(dim1=-2, dim2=-1).sum(-1)
 
