@@ -309,6 +309,11 @@ def comparison_figure(out: Path, rows: list[dict]) -> Path:
             errs.append(std if count >= 2 else float("nan"))  # no bar from a single seed
         ax.bar(range(len(labels)), means, yerr=errs, color=[f"C{i}" for i in range(len(labels))],
                capsize=3)
+        finite = [m for m in means if math.isfinite(m)]
+        if key in ("test_nll", "test_elbo") and finite:  # nats far from 0: show the differences
+            low, high = min(finite), max(finite)
+            pad = max(1.0, high - low)
+            ax.set_ylim(low - 0.6 * pad, high + 0.4 * pad)
         ax.set_xticks(range(len(labels)), [lb.rpartition(" d")[0] for lb in labels],
                       rotation=45, ha="right", fontsize=8)
         ax.set_title(title, fontsize=9)
