@@ -342,15 +342,18 @@ def _run_cell(run_dir: Path, run_cfg: Config, step: str, expost_names: list[str]
 
     metrics = Run.open(run_dir).metrics() if (run_dir / "config.toml").is_file() else {}
     done = _evaluated(metrics)
-    print(f"{step}: " + ("done, skipped" if done else "training"), flush=True)
+    labels = [AGGREGATE if e == AGGREGATE else f"{EXPOST_PREFIX}{e}" for e in expost_names]
+    missing = [lb for lb in labels
+               if "latent_c2st_auc" not in metrics.get("prior_sources", {}).get(lb, {})]
+    print(f"{step}: " + ("training" if not done else "done, skipped" if not missing else
+                         f"done; to fit and evaluate: {', '.join(missing)}"), flush=True)
     if not done:
         t0 = time.perf_counter()
         train(run_cfg, run_dir, progress=progress)
         metrics = evaluate_run(run_dir, progress=progress)
         print(f"{step}: test NLL {metrics['test_nll']:.2f}, hole rate "
               f"{metrics['hole_rate']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
-    for expost in expost_names:
-        label = AGGREGATE if expost == AGGREGATE else f"{EXPOST_PREFIX}{expost}"
+    for expost, label in zip(expost_names, labels, strict=True):
         saved = Run.open(run_dir).metrics().get("prior_sources", {}).get(label, {})
         if "latent_c2st_auc" not in saved:
             if label != AGGREGATE:
