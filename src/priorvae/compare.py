@@ -333,6 +333,20 @@ def _evaluated(metrics: dict) -> bool:
                 "best_epoch"))
 
 
+def _expost_labels(expost_names: list[str]) -> list[str]:
+    """The prior-source label of each ex-post name (``aggregate`` stays itself)."""
+    return [AGGREGATE if e == AGGREGATE else f"{EXPOST_PREFIX}{e}" for e in expost_names]
+
+
+def _cell_metrics(run_dir: Path) -> dict:
+    """A cell's metrics.json ({} before its training created the folder)."""
+    return Run.open(run_dir).metrics() if (run_dir / "config.toml").is_file() else {}
+
+
+def _source_evaluated(metrics: dict, label: str) -> bool:
+    return "latent_c2st_auc" in metrics.get("prior_sources", {}).get(label, {})
+
+
 def _run_cell(run_dir: Path, run_cfg: Config, step: str, expost_names: list[str],
               progress: bool) -> None:
     """Train and evaluate one cell unless it is done, then its missing ex-post sources."""
@@ -340,11 +354,10 @@ def _run_cell(run_dir: Path, run_cfg: Config, step: str, expost_names: list[str]
     from .expost import fit_prior
     from .train import train
 
-    metrics = Run.open(run_dir).metrics() if (run_dir / "config.toml").is_file() else {}
+    metrics = _cell_metrics(run_dir)
     done = _evaluated(metrics)
-    labels = [AGGREGATE if e == AGGREGATE else f"{EXPOST_PREFIX}{e}" for e in expost_names]
-    missing = [lb for lb in labels
-               if "latent_c2st_auc" not in metrics.get("prior_sources", {}).get(lb, {})]
+    labels = _expost_labels(expost_names)
+    missing = [lb for lb in labels if not _source_evaluated(metrics, lb)]
     print(f"{step}: " + ("training" if not done else "done, skipped" if not missing else
                          f"done; to fit and evaluate: {', '.join(missing)}"), flush=True)
     if not done:
@@ -354,8 +367,7 @@ def _run_cell(run_dir: Path, run_cfg: Config, step: str, expost_names: list[str]
         print(f"{step}: test NLL {metrics['test_nll']:.2f}, hole rate "
               f"{metrics['hole_rate']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
     for expost, label in zip(expost_names, labels, strict=True):
-        saved = Run.open(run_dir).metrics().get("prior_sources", {}).get(label, {})
-        if "latent_c2st_auc" not in saved:
+        if not _source_evaluated(Run.open(run_dir).metrics(), label):
             if label != AGGREGATE:
                 fit_prior(run_dir, expost, progress=progress)
             saved = evaluate_run(run_dir, progress=progress, prior_source=label)
@@ -369,19 +381,18 @@ def _collect_rows(out: Path, runs: list[tuple[str, Config]], expost_names: list[
     rows, unfinished = [], []
     for name, run_cfg in runs:
         run_dir = out / name
-        metrics = Run.open(run_dir).metrics() if (run_dir / "config.toml").is_file() else {}
+        metrics = _cell_metrics(run_dir)
         if not _evaluated(metrics):
             unfinished.append(name)
             continue
         rows.append(_row(name, run_cfg, metrics))
         if expost_on is not None and run_cfg.prior.name not in expost_on:
             continue
-        for expost in expost_names:
-            label = AGGREGATE if expost == AGGREGATE else f"{EXPOST_PREFIX}{expost}"
-            saved = metrics.get("prior_sources", {}).get(label, {})
-            if "latent_c2st_auc" not in saved:
+        for label in _expost_labels(expost_names):
+            if not _source_evaluated(metrics, label):
                 unfinished.append(f"{name}+{label}")
                 continue
+            saved = metrics["prior_sources"][label]
             rows.append(_row(name, run_cfg, {**saved, **{k: metrics.get(k) for k in (
                 "train_seconds", "epochs_trained", "device")}}, label))
     return rows, unfinished

@@ -300,8 +300,8 @@ class Run:
         except OSError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
             os.close(fd)
-            raise RunBusyError(f"{self.path} is in use by {holder or 'another priorvae process'}; "
-                           f"{command} must wait until it ends") from None
+            raise RunBusyError(f"{self.path} is in use by {holder or 'another priorvae process'}"
+                               f"; {command} must wait until it ends") from None
         try:
             if exclusive:
                 self._check_free_space(command)
