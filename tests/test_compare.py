@@ -93,6 +93,8 @@ def test_compare_adds_expost_rows(tmp_path):
     assert [r["prior"] for r in rows] == [
         "standard_normal", "standard_normal+expost-mog", "standard_normal+aggregate", "mog"]
     assert all(r["test_nll"] and r["hole_rate"] for r in rows)
+    # an ex-post row carries its fit's cost; the others have no fit
+    assert [bool(r["fit_seconds"]) for r in rows] == [False, True, False, False]
     assert "standard_normal+expost-mog" in (out / "results.md").read_text()
 
 
@@ -106,7 +108,12 @@ def test_compare_skips_a_cell_another_process_holds(tmp_path, capsys):
     # the lock is per open file, so holding it here stands for a second process
     with Run(busy, load_config(config)).lock("train"):
         assert main(["compare", str(config), "--out", str(out), "--quiet"]) == 0
-    printed = capsys.readouterr().out
+        printed = capsys.readouterr().out
+        # --report-only beside the process that works: tables from what is finished, no work
+        (out / "results.md").unlink()
+        assert main(["compare", str(config), "--out", str(out), "--report-only"]) == 0
+        assert "partial: mog-seed0" in (out / "results.md").read_text()
+        assert not (busy / "last.pt").exists() and "[1/2]" not in capsys.readouterr().out
     assert "mog-seed0: skipped" in printed and "in use by priorvae train" in printed
     assert "tables without 1 unfinished cell(s): mog-seed0" in printed
     rows = list(csv.DictReader(open(out / "results.csv")))
@@ -117,3 +124,5 @@ def test_compare_skips_a_cell_another_process_holds(tmp_path, capsys):
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert [r["prior"] for r in rows] == ["standard_normal", "mog"]
     assert "partial" not in (out / "results.md").read_text()
+    assert main(["compare", str(config), "--out", str(tmp_path / "none"), "--report-only"]) == 2
+    assert "--report-only: " in capsys.readouterr().err and not (tmp_path / "none").exists()

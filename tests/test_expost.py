@@ -8,7 +8,13 @@ from conftest import tiny_toml
 from priorvae.cli import main
 from priorvae.config import load_config
 from priorvae.errors import PriorError
-from priorvae.expost import _gradient_fit, em_fit_mog, fit_prior, load_prior_source
+from priorvae.expost import (
+    _gradient_fit,
+    em_fit_mog,
+    fit_prior,
+    fit_record,
+    load_prior_source,
+)
 from priorvae.priors import build_prior
 from priorvae.runs import Run, load_run
 from priorvae.train import train
@@ -71,6 +77,13 @@ def test_expost_priors_shrink_holes_and_leave_the_vae_alone(trained_run):
         fitted = metrics["prior_sources"][source]
         assert fitted["marginal_kl"] < base["marginal_kl"], source
         assert fitted["hole_rate"] < base["hole_rate"], source
+    # what each fit cost is kept beside its spec and reported with the source's metrics
+    for source in ("expost-mog", "expost-flow"):
+        record = fit_record(Run.open(trained_run), source)
+        assert record["method"] == ("em" if source == "expost-mog" else "gradient")
+        assert 1 <= record["epochs"] <= 60 and record["seconds"] > 0
+        assert metrics["prior_sources"][source]["fit_seconds"] == record["seconds"]
+    assert "fit_seconds" not in metrics and fit_record(Run.open(trained_run), "aggregate") == {}
     agg = metrics["prior_sources"]["aggregate"]
     assert abs(agg["marginal_kl"]) < 0.05 and agg["hole_rate"] < 0.05  # q against itself
     # a classifier cannot tell q(z) samples from held-out codes much better than chance

@@ -144,7 +144,8 @@ def _cmd_sample(args) -> int:
 def _cmd_compare(args) -> int:
     from .compare import run_compare
 
-    out = run_compare(args.config, args.set, args.out, progress=not args.quiet)
+    out = run_compare(args.config, args.set, args.out, progress=not args.quiet,
+                      report_only=args.report_only)
     print((out / "results.md").read_text())
     return 0
 
@@ -229,6 +230,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
     c.add_argument("--out", help="experiment folder (default: runs/CONFIG-compare)")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
+    c.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the tables and figure from the cells finished "
+                   "so far (safe beside the processes running the grid)")
     c.set_defaults(func=_cmd_compare)
 
     f = sub.add_parser("fit-prior", help="fit a registered prior to a trained run's aggregated "

@@ -48,7 +48,8 @@ __all__ = ["grid", "execution_order", "check_grid", "run_compare", "write_result
 
 RESULT_COLUMNS = ["prior", "seed", "latent_dim", "test_elbo", "test_nll",
                   *(k for k in DIAGNOSTIC_KEYS if k != "class_entropy_aggregate"),
-                  "train_seconds", "epochs_trained", "device", "iw_samples", "test_images",
+                  "train_seconds", "fit_seconds", "epochs_trained", "device", "iw_samples",
+                  "test_images",
                   "log_normalizer_stderr", "evaluation_fallback"]
 _COMPARE_KEYS = {"priors", "seeds", "prior_seeds", "latent_dims", "args", "expost", "expost_on"}
 
@@ -229,7 +230,7 @@ def write_results(out: Path, rows: list[dict[str, Any]], title: str = "") -> Non
     cols = ["test_nll", "test_elbo", "kl", "mutual_info", "marginal_kl", "kl_prior_to_agg",
             "hole_rate", "latent_precision", "latent_recall", "latent_coverage",
             "latent_c2st_auc", "mmd", "active_units", "fd_prior", "fd_aggregate",
-            "feature_precision", "feature_recall", "train_seconds"]
+            "feature_precision", "feature_recall", "train_seconds", "fit_seconds"]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["prior"], row["latent_dim"]), []).append(row)
@@ -238,7 +239,8 @@ def write_results(out: Path, rows: list[dict[str, Any]], title: str = "") -> Non
              "active_units (count), fd_* (Fréchet distance in classifier features), "
              "latent_*/feature_* two-sample measures of prior samples against held-out codes/"
              "images (precision, recall, coverage in [0, 1]; c2st_auc 0.5 = indistinguishable), "
-             "train_seconds; seeds: the seeds averaged, epochs: the epochs they trained.", "",
+             "train_seconds (the VAE's training), fit_seconds (an ex-post prior's fit); "
+             "seeds: the seeds averaged, epochs: the epochs they trained.", "",
              "| prior | D | seeds | epochs | device | " + " | ".join(cols) + " |",
              "|---" * (len(cols) + 5) + "|"]
     for (prior, dim), group in groups.items():
@@ -399,31 +401,39 @@ def _collect_rows(out: Path, runs: list[tuple[str, Config]], expost_names: list[
 
 
 def run_compare(config_path: str | Path, overrides: list[str] | None = None,
-                out: str | Path | None = None, progress: bool = True) -> Path:
+                out: str | Path | None = None, progress: bool = True,
+                report_only: bool = False) -> Path:
     """Train and evaluate every run of the grid (skipping finished ones); write the results.
-    The whole grid is checked (every cell built) before anything is written."""
+    The whole grid is checked (every cell built) before anything is written. With
+    ``report_only`` nothing is trained: the tables and figure are written from the cells
+    finished so far (a grid in progress, or one whose processes are still running)."""
     cfg = load_config(config_path, overrides)
     out = Path(out) if out else Path("runs") / f"{Path(config_path).stem}-compare"
     runs = grid(cfg)
     expost_names, expost_on = _expost_plan(cfg, runs)
-    check_grid(runs, expost_names)
     if out.exists() and not out.is_dir():
         raise RunError(f"--out {out} is a file, not a folder; choose another --out")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise RunError(f"could not create {out}: {exc.strerror}") from None
-    header = "".join(f"# --set {o}\n" for o in overrides or [])
-    atomic_write_bytes(out / "compare.toml",
-                       (header + Path(config_path).read_text(encoding="utf-8")).encode())
-    order = execution_order(runs)
-    for i, (name, run_cfg) in enumerate(order, start=1):
-        step = f"[{i}/{len(order)}] {name}"
+    if report_only:
+        if not out.is_dir():
+            raise RunError(f"--report-only: {out} does not exist; run compare without "
+                           f"--report-only first, or pass the grid's folder with --out")
+    else:
+        check_grid(runs, expost_names)
         try:
-            _run_cell(out / name, run_cfg, step, expost_names
-                      if expost_on is None or run_cfg.prior.name in expost_on else [], progress)
-        except RunBusyError as exc:  # another process works in this cell: leave it to it
-            print(f"{step}: skipped, {exc}", flush=True)
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise RunError(f"could not create {out}: {exc.strerror}") from None
+        header = "".join(f"# --set {o}\n" for o in overrides or [])
+        atomic_write_bytes(out / "compare.toml",
+                           (header + Path(config_path).read_text(encoding="utf-8")).encode())
+        order = execution_order(runs)
+        for i, (name, run_cfg) in enumerate(order, start=1):
+            step = f"[{i}/{len(order)}] {name}"
+            try:
+                _run_cell(out / name, run_cfg, step, expost_names if expost_on is None
+                          or run_cfg.prior.name in expost_on else [], progress)
+            except RunBusyError as exc:  # another process works in this cell: leave it to it
+                print(f"{step}: skipped, {exc}", flush=True)
     rows, unfinished = _collect_rows(out, runs, expost_names, expost_on)
     if not rows:
         raise RunError(f"no cell of {out} is finished yet ({', '.join(unfinished)}); run "

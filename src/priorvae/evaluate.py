@@ -98,10 +98,12 @@ def evaluate_run(run_dir: str | Path, iw_samples: int | None = None, device: str
         best = run.load_checkpoint("best", dev)
         model = run.load_model("best", dev, best)
         splits = load_splits(cfg.data, device=dev)
+        fit_seconds = None
         if prior_source != TRAINED:
-            from .expost import load_prior_source
+            from .expost import fit_record, load_prior_source
 
             model.prior = load_prior_source(run, model, prior_source, splits)
+            fit_seconds = fit_record(run, prior_source).get("seconds")
         k, limit, n_diagnostic, fallback = _fallback(model.prior, prior_source, k, iw_samples,
                                                      limit, len(splits.x_test), n_diagnostic)
         x = splits.x_test if limit is None else splits.x_test[:limit]
@@ -112,6 +114,8 @@ def evaluate_run(run_dir: str | Path, iw_samples: int | None = None, device: str
         results = {"test_elbo": elbo["elbo"], "test_recon": elbo["recon"], "test_kl": elbo["kl"],
                    "test_nll": nll, "iw_samples": k, "test_images": len(x),
                    "evaluated_epoch": best.get("epoch"), "evaluation_fallback": fallback}
+        if fit_seconds is not None:  # an ex-post source: what fitting it cost
+            results["fit_seconds"] = fit_seconds
         if getattr(model.prior, "estimated_normalizer", False):
             # the NLL includes a Monte-Carlo log Z: its standard error goes next to it
             results["log_normalizer_stderr"] = model.prior.log_normalizer_stderr()

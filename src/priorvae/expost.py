@@ -53,7 +53,7 @@ from .runs import (
     save_checkpoint,
 )
 
-__all__ = ["fit_prior", "em_fit_mog", "load_prior_source", "prior_sources"]
+__all__ = ["fit_prior", "em_fit_mog", "fit_record", "load_prior_source", "prior_sources"]
 
 FIT_DEFAULTS = {"epochs": 100, "batch_size": 1000, "lr": 1e-3, "patience": 10}
 _LABEL = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.+-]{0,63}")
@@ -225,12 +225,17 @@ def fit_prior(run_dir: str | Path, name: str, kwargs: dict[str, Any] | None = No
             scores["val_nll"] = val_loss
         # weights first, then the spec that makes the source visible: never a spec without
         # its weights
+        seconds = time.perf_counter() - t0
         save_checkpoint(weights_path, {"state_dict": prior.state_dict(), "method": method,
                                        **scores, "history": history})
-        spec = {"prior": {"name": name, "file_sha256": sha}, "kwargs": kwargs}
+        # what the fit cost goes beside its spec (data, read without loading the weights): an
+        # ex-post remedy's price is this plus the VAE's training
+        spec = {"prior": {"name": name, "file_sha256": sha}, "kwargs": kwargs,
+                "fit": {"seconds": round(seconds, 3), "epochs": len(history), "method": method,
+                        "device": str(dev)}}
         atomic_write_bytes(spec_path, dump_toml(spec).encode())
     return {"label": label, "path": str(weights_path), **scores, "epochs": len(history),
-            "method": method, "seconds": time.perf_counter() - t0}
+            "method": method, "seconds": seconds}
 
 
 def _check_positive(**values) -> None:
@@ -296,6 +301,20 @@ def prior_sources(run: Run) -> list[str]:
     folder = run.prior_source_files("x")[0].parent
     labels = sorted(p.stem for p in folder.glob("*.toml")) if folder.is_dir() else []
     return [TRAINED, AGGREGATE, *labels]
+
+
+def fit_record(run: Run, source: str) -> dict[str, Any]:
+    """The ``[fit]`` table of an ex-post source's spec: ``seconds``, ``epochs``, ``method``,
+    ``device`` ({} for ``trained``/``aggregate``, or a spec written before priorvae kept it)."""
+    spec_path = run.prior_source_files(source)[0]
+    if source in (TRAINED, AGGREGATE) or not _LABEL.fullmatch(source) or \
+            not spec_path.is_file():
+        return {}
+    try:
+        fit = tomllib.loads(spec_path.read_text()).get("fit", {})
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return {}
+    return fit if isinstance(fit, dict) else {}
 
 
 def load_prior_source(run: Run, model, source: str = TRAINED, splits=None):
