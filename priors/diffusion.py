@@ -93,7 +93,7 @@ class DiffusionPrior(Prior):
     """
 
     joint = False
-    evaluation_limits = {"iw_samples": 50, "test_images": 500, "diagnostic_points": 2000}
+    evaluation_limits = {"iw_samples": 50, "test_images": 500, "log_prob_points": 2000}
     # denoising needs many more steps than maximum likelihood; its validation loss is noisy
     fit_defaults = {"epochs": 2000, "lr": 2e-3, "patience": 100}
 

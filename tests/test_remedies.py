@@ -274,11 +274,27 @@ def test_fit_prior_uses_each_priors_objective_and_evaluate_records_fallback_and_
     after = torch.load(run / "best.pt", weights_only=True)["model"]
     assert all(torch.equal(before[k], after[k]) for k in before)  # the VAE is untouched
 
-    slow = evaluate_run(run, progress=False, prior_source="expost-diffusion", n_diagnostic=500)
+    slow = evaluate_run(run, progress=False, prior_source="expost-diffusion", n_diagnostic=2400)
     assert slow["iw_samples"] == 50 and "K 60 -> 50" in slow["evaluation_fallback"]
+    # only the prior's log-densities fall back; the sample-based measures keep every sample
+    assert (slow["diagnostic_points"], slow["log_prob_points"]) == (2400, 2000)
+    assert "log-densities in the diagnostics 2400 -> 2000" in slow["evaluation_fallback"]
     assert math.isfinite(slow["test_nll"]) and "log_normalizer_stderr" not in slow
     z_est = evaluate_run(run, progress=False, prior_source="expost-resampled", diagnostics=False)
     assert 0 <= z_est["log_normalizer_stderr"] < 0.05 and z_est["evaluation_fallback"] is None
     stored = read_metrics(run)["prior_sources"]
     assert stored["expost-diffusion"]["evaluation_fallback"] == slow["evaluation_fallback"]
     assert stored["expost-resampled"]["log_normalizer_stderr"] == z_est["log_normalizer_stderr"]
+
+
+def test_evaluation_limits_with_unknown_keys_are_refused_in_one_line():
+    from priorvae.errors import RunError
+    from priorvae.evaluate import _fallback
+
+    class Old:
+        evaluation_limits = {"diagnostic_points": 2000}  # the key before log_prob_points
+
+    with pytest.raises(RunError, match="keys are iw_samples, test_images, log_prob_points"):
+        _fallback(Old(), "expost-old", 5000, None, None, 10_000, 10_000)
+    Old.evaluation_limits = {"log_prob_points": 100, "iw_samples": 50}
+    assert _fallback(Old(), "expost-old", 5000, None, None, 10_000, 10_000)[:3] == (50, None, 100)

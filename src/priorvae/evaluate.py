@@ -104,8 +104,8 @@ def evaluate_run(run_dir: str | Path, iw_samples: int | None = None, device: str
 
             model.prior = load_prior_source(run, model, prior_source, splits)
             fit_seconds = fit_record(run, prior_source).get("seconds")
-        k, limit, n_diagnostic, fallback = _fallback(model.prior, prior_source, k, iw_samples,
-                                                     limit, len(splits.x_test), n_diagnostic)
+        k, limit, n_log_prob, fallback = _fallback(model.prior, prior_source, k, iw_samples,
+                                                   limit, len(splits.x_test), n_diagnostic)
         x = splits.x_test if limit is None else splits.x_test[:limit]
         torch.manual_seed(cfg.train.seed)
         t0 = time.perf_counter()
@@ -121,8 +121,8 @@ def evaluate_run(run_dir: str | Path, iw_samples: int | None = None, device: str
             results["log_normalizer_stderr"] = model.prior.log_normalizer_stderr()
         if diagnostics:
             clf = get_classifier(splits, classifier_cache_dir(), progress=progress)
-            metrics, extras = diagnose(model, splits, clf, n=n_diagnostic)
-            results.update(metrics, diagnostic_points=n_diagnostic)
+            metrics, extras = diagnose(model, splits, clf, n=n_diagnostic, n_log_prob=n_log_prob)
+            results.update(metrics, diagnostic_points=n_diagnostic, log_prob_points=n_log_prob)
             extras["hole_rate"] = metrics["hole_rate"]
             _figures_and_tensorboard(run, model, splits, extras, results, prior_source)
         results["eval_seconds"] = time.perf_counter() - t0
@@ -134,10 +134,20 @@ def evaluate_run(run_dir: str | Path, iw_samples: int | None = None, device: str
         return results
 
 
+LIMIT_KEYS = ("iw_samples", "test_images", "log_prob_points")
+
+
 def _fallback(prior, source: str, k: int, iw_samples, limit, n_test: int, n_diagnostic: int):
-    """K, test images and diagnostic points within the prior's ``evaluation_limits`` (values
-    the caller gave explicitly are kept), and one line saying what changed (None: nothing)."""
+    """K, test images and the diagnostics' log-density points within the prior's
+    ``evaluation_limits`` (values the caller gave explicitly are kept), and one line saying
+    what changed (None: nothing)."""
     limits = getattr(prior, "evaluation_limits", None) or {}
+    bad = {key: v for key, v in limits.items() if key not in LIMIT_KEYS or isinstance(v, bool)
+           or not isinstance(v, int) or v < 1}
+    if bad:
+        raise RunError(f"prior source {source!r} ({type(prior).__name__}): evaluation_limits "
+                       f"{bad} not understood; keys are {', '.join(LIMIT_KEYS)}, each a "
+                       f"positive integer")
     changes = []
     if iw_samples is None and k > limits.get("iw_samples", k):
         changes.append(f"K {k} -> {limits['iw_samples']}")
@@ -145,16 +155,17 @@ def _fallback(prior, source: str, k: int, iw_samples, limit, n_test: int, n_diag
     if limit is None and n_test > limits.get("test_images", n_test):
         limit = limits["test_images"]
         changes.append(f"test images {n_test} -> {limit}")
-    if n_diagnostic > limits.get("diagnostic_points", n_diagnostic):
-        changes.append(f"diagnostic points {n_diagnostic} -> {limits['diagnostic_points']}")
-        n_diagnostic = limits["diagnostic_points"]
+    n_log_prob = n_diagnostic
+    if n_diagnostic > limits.get("log_prob_points", n_diagnostic):
+        n_log_prob = limits["log_prob_points"]
+        changes.append(f"prior log-densities in the diagnostics {n_diagnostic} -> {n_log_prob}")
     if not changes:
-        return k, limit, n_diagnostic, None
+        return k, limit, n_log_prob, None
     line = (f"prior source {source!r} ({type(prior).__name__}): its log-density is too costly "
             f"for the full evaluation, so {', '.join(changes)} (its evaluation_limits; pass "
             f"--iw-samples/--limit to choose)")
     print(f"evaluate: {line}", file=sys.stderr, flush=True)
-    return k, limit, n_diagnostic, line
+    return k, limit, n_log_prob, line
 
 
 def _figures_and_tensorboard(run: Run, model, splits, extras, results, prior_source) -> None:

@@ -87,11 +87,17 @@ def decode_samples(model: VAE, z: torch.Tensor, binary: bool = False,
 @torch.no_grad()
 def diagnose(model: VAE, splits: Splits, classifier=None, n: int = 10_000,
              train_subset: int | None = None, heldout: torch.Tensor | None = None,
-             heldout_labels: torch.Tensor | None = None) -> tuple[dict, dict]:
+             heldout_labels: torch.Tensor | None = None,
+             n_log_prob: int | None = None) -> tuple[dict, dict]:
     """All prior-vs-aggregated-posterior diagnostics of a trained model.
 
     q(z) is built from the training split (all of it, or its first ``train_subset`` images);
-    held-out images (default: the test split) give the hole threshold and the atlas.
+    held-out images (default: the test split) give the hole threshold and the atlas. ``n``
+    prior samples feed every measure; the two that need the prior's log-density (marginal KL,
+    KL(p||q): Monte-Carlo means, so fewer points only add noise) use ``n_log_prob`` of them
+    where that density is costly (default ``n``). The sample-based measures (Fréchet distance,
+    k-NN precision/recall/coverage, classifier AUC) keep ``n``: they depend on the sample size,
+    and rows evaluated with different sizes would not compare.
 
     Returns:
         (metrics, extras): metrics are floats named as in metrics.json; extras hold what the
@@ -99,18 +105,19 @@ def diagnose(model: VAE, splits: Splits, classifier=None, n: int = 10_000,
     """
     model.eval()
     with model.prior.frozen():  # e.g. an estimated normaliser: estimated once for all of it
-        return _diagnose(model, splits, classifier, n, train_subset, heldout, heldout_labels)
+        return _diagnose(model, splits, classifier, n, train_subset, heldout, heldout_labels,
+                         n if n_log_prob is None else min(n, n_log_prob))
 
 
-def _diagnose(model, splits, classifier, n, train_subset, heldout, heldout_labels):
+def _diagnose(model, splits, classifier, n, train_subset, heldout, heldout_labels, n_log_prob):
     x_train = splits.x_train if train_subset is None else splits.x_train[:train_subset]
     held = splits.x_test if heldout is None else heldout
     labels = splits.y_test if heldout_labels is None else heldout_labels
     mu_tr, lv_tr = encode_split(model.encoder, x_train)
     mu_te, lv_te = encode_split(model.encoder, held)
     agg = AggregatedPosterior(mu_tr, lv_tr)
-    metrics: dict = dict(elbo_surgery(mu_tr, lv_tr, model.prior, n_points=n))
-    metrics["kl_prior_to_agg"] = kl_prior_to_agg(model.prior, agg, n)
+    metrics: dict = dict(elbo_surgery(mu_tr, lv_tr, model.prior, n_points=n_log_prob))
+    metrics["kl_prior_to_agg"] = kl_prior_to_agg(model.prior, agg, n_log_prob)
     holes = hole_rate(model.prior, agg, mu_te, lv_te, n)
     metrics["hole_rate"] = holes["hole_rate"]
     m = min(n, 2000)

@@ -33,7 +33,9 @@ What a prior class may declare besides ``_log_prob``/``_sample`` (the trainer, `
 - ``fit_loss(z, index)``: the ex-post objective (default: maximum likelihood), and
   ``fit_defaults``: fit-prior's epochs / batch_size / lr / patience where they differ.
 - ``evaluation_limits``: the largest K / number of test images whose IWAE bound is affordable
-  (None: no limit); ``evaluate`` falls back to them and records that it did.
+  and the number of points at which the diagnostics may evaluate its log-density (keys
+  ``iw_samples``, ``test_images``, ``log_prob_points``; None: no limit); ``evaluate`` falls back
+  to them and records that it did. Sample-based measures always use every sample.
 """
 
 from __future__ import annotations
