@@ -72,7 +72,8 @@ def test_compare_writes_results_and_resumes(tmp_path, capsys):
                 "feature_precision", "feature_c2st_auc"):
         assert all(r[col] not in ("", None) for r in rows), col
     md = (out / "results.md").read_text()
-    assert "| standard_normal | 2 | 0, 1 | 2 | cpu |" in md
+    assert md.count("| standard_normal | 2 | 0, 1 | 2 | cpu |") == 2  # headline, every column
+    assert "| test NLL | ELBO | hole rate | KL(p‖q) |" in md and "| train min | fit min |" in md
     assert "±" in md and "latent_c2st_auc" in md
     assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     assert "n_components = 3" in (out / "mog-seed0" / "config.toml").read_text()

@@ -220,8 +220,33 @@ def _span(values: list) -> str:
     return str(low) if low == high else f"{low}–{high}"
 
 
+# the headline table: what a reader compares first (every column follows it)
+HEADLINE = [("test NLL", "test_nll", 1), ("ELBO", "test_elbo", 1), ("hole rate", "hole_rate", 1),
+            ("KL(p‖q)", "kl_prior_to_agg", 1), ("latent precision", "latent_precision", 1),
+            ("latent recall", "latent_recall", 1), ("latent coverage", "latent_coverage", 1),
+            ("classifier AUC", "latent_c2st_auc", 1), ("fd_prior", "fd_prior", 1),
+            ("fd_aggregate", "fd_aggregate", 1), ("train min", "train_seconds", 60),
+            ("fit min", "fit_seconds", 60)]
+
+
+def _table(groups: dict[tuple, list[dict]], cols: list[tuple[str, str, float]]) -> list[str]:
+    """Markdown rows: prior, D, seeds, epochs, device, then mean ± std of each (header, key,
+    divisor) column over the group's seeds."""
+    lines = ["| prior | D | seeds | epochs | device | " + " | ".join(c[0] for c in cols) + " |",
+             "|---" * (len(cols) + 5) + "|"]
+    for (prior, dim), group in groups.items():
+        cells = [_mean_std([None if r[key] in (None, "") else float(r[key]) / div
+                            for r in group]) for _, key, div in cols]
+        seeds = ", ".join(str(r["seed"]) for r in group)
+        lines.append(f"| {prior} | {dim} | {seeds} | {_span([r['epochs_trained'] for r in group])}"
+                     f" | {', '.join(sorted({str(r.get('device')) for r in group}))} | "
+                     + " | ".join(cells) + " |")
+    return lines
+
+
 def write_results(out: Path, rows: list[dict[str, Any]], title: str = "") -> None:
-    """results.csv (one row per run) and results.md (mean ± std over seeds per prior/dim)."""
+    """results.csv (one row per run) and results.md (mean ± std over seeds per prior/dim: the
+    headline columns, then every column)."""
     buffer = io.StringIO(newline="")
     writer = csv.DictWriter(buffer, fieldnames=[*RESULT_COLUMNS, "run"])
     writer.writeheader()
@@ -239,16 +264,10 @@ def write_results(out: Path, rows: list[dict[str, Any]], title: str = "") -> Non
              "active_units (count), fd_* (Fréchet distance in classifier features), "
              "latent_*/feature_* two-sample measures of prior samples against held-out codes/"
              "images (precision, recall, coverage in [0, 1]; c2st_auc 0.5 = indistinguishable), "
-             "train_seconds (the VAE's training), fit_seconds (an ex-post prior's fit); "
+             "train (the VAE's training) and fit (an ex-post prior's fit) in seconds or minutes; "
              "seeds: the seeds averaged, epochs: the epochs they trained.", "",
-             "| prior | D | seeds | epochs | device | " + " | ".join(cols) + " |",
-             "|---" * (len(cols) + 5) + "|"]
-    for (prior, dim), group in groups.items():
-        cells = [_mean_std([r[c] for r in group]) for c in cols]
-        seeds = ", ".join(str(r["seed"]) for r in group)
-        lines.append(f"| {prior} | {dim} | {seeds} | {_span([r['epochs_trained'] for r in group])}"
-                     f" | {', '.join(sorted({str(r.get('device')) for r in group}))} | "
-                     + " | ".join(cells) + " |")
+             *_table(groups, HEADLINE), "", "Every column:", "",
+             *_table(groups, [(c, c, 1) for c in cols])]
     notes = [f"- {r['prior']} (seed {r['seed']}): " + "; ".join(
         ([f"test_nll includes an estimated log Z, standard error "
           f"{r['log_normalizer_stderr']:.2g} nats"] if r.get("log_normalizer_stderr") is not None
