@@ -1,4 +1,6 @@
 import csv
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -127,3 +129,56 @@ def test_compare_skips_a_cell_another_process_holds(tmp_path, capsys):
     assert "partial" not in (out / "results.md").read_text()
     assert main(["compare", str(config), "--out", str(tmp_path / "none"), "--report-only"]) == 2
     assert "--report-only: " in capsys.readouterr().err and not (tmp_path / "none").exists()
+
+
+def test_expost_sources_share_one_decoder_pass_and_change_no_number(tmp_path):
+    from priorvae.evaluate import evaluate_run
+
+    config = tiny_toml(tmp_path / "c.toml", train={"epochs": 3})
+    with open(config, "a") as f:
+        f.write('\n[compare]\npriors = ["standard_normal"]\nseeds = [0]\n'
+                'expost = ["mog", "aggregate"]\n')
+    out = tmp_path / "exp"
+    assert main(["compare", str(config), "--out", str(out), "--quiet"]) == 0
+    cell = out / "standard_normal-seed0"
+    joint = Run.open(cell).metrics()
+    sources = {"trained": joint, **joint["prior_sources"]}
+    assert sorted(sources["trained"]["test_nll_shared_with"]) == ["aggregate", "expost-mog"]
+    # each source evaluated alone, in a copy of the cell, gives the very same numbers
+    alone = tmp_path / "alone"
+    shutil.copytree(cell, alone)
+    for label, shared in sources.items():
+        own = evaluate_run(alone, prior_source=label, progress=False)
+        assert own["test_nll_shared_with"] is None
+        for key in ("test_nll", "test_elbo", "hole_rate", "kl_prior_to_agg", "latent_c2st_auc",
+                    "fd_prior"):
+            assert own[key] == shared[key], (label, key)
+    assert len({sources[s]["test_nll"] for s in sources}) == 3  # the priors do differ
+
+
+def _local_patterns() -> list[str]:
+    """What .gitignore keeps out of a grid committed under experiments/results/."""
+    prefix = "experiments/results/**/"
+    lines = (Path(__file__).parents[1] / ".gitignore").read_text().splitlines()
+    return [line[len(prefix):].rstrip("/") for line in lines if line.startswith(prefix)]
+
+
+def test_a_grid_committed_without_its_local_files_is_still_done(tmp_path, capsys):
+    """A new machine gets a grid's finished cells from git, without what .gitignore keeps
+    local (resume checkpoints, locks, TensorBoard events): compare must find them done."""
+    patterns = _local_patterns()
+    assert {"last.pt", ".lock"} <= set(patterns)
+    config = tiny_toml(tmp_path / "c.toml", train={"epochs": 2})
+    with open(config, "a") as f:
+        f.write('\n[compare]\npriors = ["standard_normal"]\nseeds = [0, 1]\n'
+                'expost = ["mog"]\n')
+    out = tmp_path / "exp"
+    assert main(["compare", str(config), "--out", str(out), "--quiet"]) == 0
+    clone = tmp_path / "clone"
+    shutil.copytree(out, clone, ignore=shutil.ignore_patterns(*patterns))
+    assert not list(clone.rglob("last.pt")) and not list(clone.rglob("events.out.tfevents.*"))
+    assert list(clone.rglob("best.pt")) and list(clone.rglob("figures/*.png"))
+    capsys.readouterr()
+    assert main(["compare", str(config), "--out", str(clone), "--quiet"]) == 0
+    assert capsys.readouterr().out.count("done, skipped") == 2
+    assert (clone / "results.csv").read_text() == (out / "results.csv").read_text()

@@ -80,17 +80,19 @@ def _cmd_train(args) -> int:
 
 
 def _cmd_evaluate(args) -> int:
-    from .evaluate import evaluate_run
-
-    metrics = evaluate_run(args.run_dir, iw_samples=args.iw_samples, device=args.device,
-                           progress=not args.quiet, limit=args.limit,
-                           diagnostics=not args.no_diagnostics, prior_source=args.prior_source,
-                           trust_remote_code=args.trust_remote_code)
+    from .evaluate import evaluate_sources
     from .measure import DIAGNOSTIC_KEYS
 
+    sources = list(dict.fromkeys(args.prior_source or ["trained"]))
+    results = evaluate_sources(args.run_dir, sources, iw_samples=args.iw_samples,
+                               device=args.device, progress=not args.quiet, limit=args.limit,
+                               diagnostics=not args.no_diagnostics,
+                               trust_remote_code=args.trust_remote_code)
     keys = ("test_elbo", "test_nll", "iw_samples", "test_images", "eval_seconds",
             *DIAGNOSTIC_KEYS)
-    print(json.dumps({k: metrics[k] for k in keys if k in metrics}))
+    for source, metrics in results.items():  # one JSON line per source
+        line = {k: metrics[k] for k in keys if k in metrics}
+        print(json.dumps(line if len(results) == 1 else {"prior_source": source, **line}))
     return 0
 
 
@@ -198,9 +200,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="importance samples K (default: [eval])")
     e.add_argument("--device", help="cpu, cuda, ... (default: the run's [train] device)")
     e.add_argument("--limit", type=positive_int, help="only the first N test images")
-    e.add_argument("--prior-source", default="trained", metavar="trained|aggregate|LABEL",
-                   help="the prior to evaluate the VAE with: its own (trained), the aggregated "
-                        "posterior, or an ex-post prior fitted with fit-prior")
+    e.add_argument("--prior-source", action="append", metavar="trained|aggregate|LABEL",
+                   help="the prior to evaluate the VAE with: its own (trained, the default), "
+                        "the aggregated posterior, or an ex-post prior fitted with fit-prior; "
+                        "repeat it to evaluate several with one decoder pass for their test NLL")
     e.add_argument("--no-diagnostics", action="store_true",
                    help="only test ELBO and NLL, no prior-vs-aggregate diagnostics or pictures")
     e.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -370,8 +370,9 @@ def _source_evaluated(metrics: dict, label: str) -> bool:
 
 def _run_cell(run_dir: Path, run_cfg: Config, step: str, expost_names: list[str],
               progress: bool) -> None:
-    """Train and evaluate one cell unless it is done, then its missing ex-post sources."""
-    from .evaluate import evaluate_run
+    """Train one cell unless it is done, fit its missing ex-post priors, then evaluate every
+    source not yet evaluated in one go (one decoder pass for the test NLLs that share K)."""
+    from .evaluate import evaluate_sources
     from .expost import fit_prior
     from .train import train
 
@@ -381,19 +382,23 @@ def _run_cell(run_dir: Path, run_cfg: Config, step: str, expost_names: list[str]
     missing = [lb for lb in labels if not _source_evaluated(metrics, lb)]
     print(f"{step}: " + ("training" if not done else "done, skipped" if not missing else
                          f"done; to fit and evaluate: {', '.join(missing)}"), flush=True)
+    if done and not missing:
+        return
+    t0 = time.perf_counter()
     if not done:
-        t0 = time.perf_counter()
         train(run_cfg, run_dir, progress=progress)
-        metrics = evaluate_run(run_dir, progress=progress)
-        print(f"{step}: test NLL {metrics['test_nll']:.2f}, hole rate "
-              f"{metrics['hole_rate']:.3f} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    run = Run.open(run_dir)
     for expost, label in zip(expost_names, labels, strict=True):
-        if not _source_evaluated(Run.open(run_dir).metrics(), label):
-            if label != AGGREGATE:
-                fit_prior(run_dir, expost, progress=progress)
-            saved = evaluate_run(run_dir, progress=progress, prior_source=label)
-            print(f"{step} with {label}: test NLL {saved['test_nll']:.2f}, "
-                  f"hole rate {saved['hole_rate']:.3f}", flush=True)
+        # a fit saved before an interruption is kept: its spec is written after its weights
+        if label in missing and label != AGGREGATE and \
+                not run.prior_source_files(label)[0].is_file():
+            fit_prior(run_dir, expost, progress=progress)
+    sources = ([] if done else [TRAINED]) + missing
+    for label, saved in evaluate_sources(run_dir, sources, progress=progress).items():
+        name = step if label == TRAINED else f"{step} with {label}"
+        print(f"{name}: test NLL {saved['test_nll']:.2f}, hole rate {saved['hole_rate']:.3f}",
+              flush=True)
+    print(f"{step}: done ({time.perf_counter() - t0:.0f} s)", flush=True)
 
 
 def _collect_rows(out: Path, runs: list[tuple[str, Config]], expost_names: list[str],

@@ -17,11 +17,11 @@ import torch
 
 from .data import load_splits
 from .errors import RunError
-from .measure import DIAGNOSTIC_KEYS, diagnose, mean_elbo, mean_iwae_nll
+from .measure import DIAGNOSTIC_KEYS, diagnose, mean_elbo, mean_iwae_nlls
 from .quality import classifier_cache_dir, get_classifier
 from .runs import FINISHED, TRAINED, Run, resolve_device
 
-__all__ = ["write_figures", "evaluate_run"]
+__all__ = ["write_figures", "evaluate_run", "evaluate_sources"]
 
 
 def write_figures(extras: dict, prior, run: Run, folder: str, title: str = "", writer=None,
@@ -82,11 +82,37 @@ def evaluate_run(run_dir: str | Path, iw_samples: int | None = None, device: str
             a valid bound; results of other sources go under ``prior_sources.SOURCE`` in
             metrics.json, their pictures under ``figures/SOURCE``.
         trust_remote_code: allow prior code that the run folder names but you did not choose.
+
+    Returns the run's metrics (``trained``) or the source's results.
+    """
+    return evaluate_sources(run_dir, [prior_source], iw_samples, device, progress, limit,
+                            diagnostics, n_diagnostic, trust_remote_code)[prior_source]
+
+
+def evaluate_sources(run_dir: str | Path, prior_sources: list[str] | tuple[str, ...] = (TRAINED,),
+                     iw_samples: int | None = None, device: str | None = None,
+                     progress: bool = True, limit: int | None = None, diagnostics: bool = True,
+                     n_diagnostic: int = 10_000, trust_remote_code: bool = False
+                     ) -> dict[str, dict]:
+    """:func:`evaluate_run` for several prior sources of one run under one lock, with one
+    decoder pass for the test NLL of all sources evaluated at the same K on the same images.
+
+    The decoder is nearly all of an IWAE estimate's cost, and log p(x|z) - log q(z|x) does not
+    depend on the prior, so the sources share the K draws per image
+    (:func:`~priorvae.measure.mean_iwae_nlls`). Each source's numbers are exactly those a
+    separate ``evaluate_run`` gives (the same seed, noise and arithmetic); sources that fall
+    back to other limits (a costly density) are evaluated in their own pass. Each source's
+    results are saved as soon as they are complete.
+
+    Returns {source: what ``evaluate_run`` returns for it}.
     """
     for name, value in (("iw_samples", iw_samples), ("limit", limit)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                   or value < 1):
             raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    sources = list(prior_sources)
+    if not sources or len(set(sources)) != len(sources):
+        raise ValueError(f"prior_sources must name each source once, got {sources!r}")
     run = Run.open(run_dir, trust_remote_code)
     cfg = run.config
     with run.lock("evaluate"):
@@ -94,44 +120,100 @@ def evaluate_run(run_dir: str | Path, iw_samples: int | None = None, device: str
         if status not in (*FINISHED, "interrupted", "failed"):
             raise RunError(f"{run.path} has not been trained (status {status!r}); train it first")
         dev = resolve_device(device or cfg.train.device)
-        k = iw_samples or cfg.eval.iw_samples
         best = run.load_checkpoint("best", dev)
         model = run.load_model("best", dev, best)
         splits = load_splits(cfg.data, device=dev)
-        fit_seconds = None
-        if prior_source != TRAINED:
-            from .expost import fit_record, load_prior_source
+        trained_prior = model.prior
+        # every source's prior and limits first: a missing or damaged one stops us before work
+        plans: dict[tuple, list[dict]] = {}
+        for label in sources:
+            plan = {"label": label, "prior": trained_prior, "fit_seconds": None}
+            if label != TRAINED:
+                from .expost import fit_record, load_prior_source
 
-            model.prior = load_prior_source(run, model, prior_source, splits)
-            fit_seconds = fit_record(run, prior_source).get("seconds")
-        k, limit, n_log_prob, fallback = _fallback(model.prior, prior_source, k, iw_samples,
-                                                   limit, len(splits.x_test), n_diagnostic)
-        x = splits.x_test if limit is None else splits.x_test[:limit]
-        torch.manual_seed(cfg.train.seed)
+                plan["prior"] = load_prior_source(run, model, label, splits)
+                plan["fit_seconds"] = fit_record(run, label).get("seconds")
+            k, lim, plan["n_log_prob"], plan["fallback"] = _fallback(
+                plan["prior"], label, iw_samples or cfg.eval.iw_samples, iw_samples, limit,
+                len(splits.x_test), n_diagnostic)
+            plans.setdefault((k, lim), []).append(plan)
+        out = {}
+        try:
+            for (k, lim), group in plans.items():
+                x = splits.x_test if lim is None else splits.x_test[:lim]
+                _evaluate_group(run, model, splits, best, group, x, k, diagnostics,
+                                n_diagnostic, progress, dev, out)
+        finally:
+            model.prior = trained_prior
+        return out
+
+
+def _rng_state(dev: torch.device) -> tuple:
+    return (torch.get_rng_state(),
+            torch.cuda.get_rng_state(dev) if dev.type == "cuda" else None)
+
+
+def _set_rng_state(state: tuple, dev: torch.device) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], dev)
+
+
+def _evaluate_group(run: Run, model, splits, best: dict, group: list[dict], x: torch.Tensor,
+                    k: int, diagnostics: bool, n_diagnostic: int, progress: bool,
+                    dev: torch.device, out: dict) -> None:
+    """The sources of ``group`` at K = ``k`` on the images ``x``: one shared IWAE pass; the
+    random state each step starts from is the one a separate evaluation of each would have
+    (seed, ELBO, IWAE, diagnostics), so sharing changes no number."""
+    cfg = run.config
+    elbos, seconds = {}, {}
+    after_elbo = None
+    for plan in group:
         t0 = time.perf_counter()
-        elbo = mean_elbo(model, x, cfg.train.val_batch_size)
-        nll = mean_iwae_nll(model, x, k, cfg.eval.batch_size, progress=progress)
+        torch.manual_seed(cfg.train.seed)
+        model.prior = plan["prior"]
+        elbos[plan["label"]] = mean_elbo(model, x, cfg.train.val_batch_size)
+        after_elbo = after_elbo or _rng_state(dev)  # the VAE's noise: priors draw none here
+        seconds[plan["label"]] = time.perf_counter() - t0
+    _set_rng_state(after_elbo, dev)
+    t0 = time.perf_counter()
+    nlls = mean_iwae_nlls(model, x, k, [plan["prior"] for plan in group], cfg.eval.batch_size,
+                          progress=progress)
+    shared = time.perf_counter() - t0
+    after_iwae = _rng_state(dev)
+    for plan, nll in zip(group, nlls, strict=True):
+        label, prior = plan["label"], plan["prior"]
+        t0 = time.perf_counter()
+        _set_rng_state(after_iwae, dev)
+        model.prior = prior
+        elbo = elbos[label]
         results = {"test_elbo": elbo["elbo"], "test_recon": elbo["recon"], "test_kl": elbo["kl"],
                    "test_nll": nll, "iw_samples": k, "test_images": len(x),
-                   "evaluated_epoch": best.get("epoch"), "evaluation_fallback": fallback}
-        if fit_seconds is not None:  # an ex-post source: what fitting it cost
-            results["fit_seconds"] = fit_seconds
-        if getattr(model.prior, "estimated_normalizer", False):
+                   "evaluated_epoch": best.get("epoch"), "evaluation_fallback": plan["fallback"]}
+        # the sources whose test NLL came from the same decoder pass (None: alone)
+        results["test_nll_shared_with"] = [p["label"] for p in group if p is not plan] or None
+        if plan["fit_seconds"] is not None:  # an ex-post source: what fitting it cost
+            results["fit_seconds"] = plan["fit_seconds"]
+        if getattr(prior, "estimated_normalizer", False):
             # the NLL includes a Monte-Carlo log Z: its standard error goes next to it
-            results["log_normalizer_stderr"] = model.prior.log_normalizer_stderr()
+            results["log_normalizer_stderr"] = prior.log_normalizer_stderr()
         if diagnostics:
             clf = get_classifier(splits, classifier_cache_dir(), progress=progress)
-            metrics, extras = diagnose(model, splits, clf, n=n_diagnostic, n_log_prob=n_log_prob)
-            results.update(metrics, diagnostic_points=n_diagnostic, log_prob_points=n_log_prob)
+            metrics, extras = diagnose(model, splits, clf, n=n_diagnostic,
+                                       n_log_prob=plan["n_log_prob"])
+            results.update(metrics, diagnostic_points=n_diagnostic,
+                           log_prob_points=plan["n_log_prob"])
             extras["hole_rate"] = metrics["hole_rate"]
-            _figures_and_tensorboard(run, model, splits, extras, results, prior_source)
-        results["eval_seconds"] = time.perf_counter() - t0
-        if prior_source == TRAINED:
-            return run.update_metrics(**results)
-        sources = run.metrics().get("prior_sources", {})
-        sources[prior_source] = results
-        run.update_metrics(prior_sources=sources)
-        return results
+            _figures_and_tensorboard(run, model, splits, extras, results, label)
+        # this source's own work plus the whole shared pass: what it costs evaluated alone
+        results["eval_seconds"] = seconds[label] + shared + time.perf_counter() - t0
+        if label == TRAINED:
+            out[label] = run.update_metrics(**results)
+        else:
+            saved = run.metrics().get("prior_sources", {})
+            saved[label] = results
+            run.update_metrics(prior_sources=saved)
+            out[label] = results
 
 
 LIMIT_KEYS = ("iw_samples", "test_images", "log_prob_points")

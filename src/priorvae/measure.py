@@ -1,10 +1,11 @@
 """Measurements of a trained VAE: pure functions of a model and tensors, and the metric names.
 
 ``mean_elbo`` (single-sample ELBO), ``mean_iwae_nll`` (-IWAE_K, an upper bound on -log p(x)
-in expectation), ``decode_samples``, and ``diagnose``: every prior-vs-aggregated-posterior
-diagnostic (see :mod:`priorvae.diagnostics`, :mod:`priorvae.twosample`,
-:mod:`priorvae.quality`). The metric names below are the one list that ``evaluate``,
-``compare``, the command line and TensorBoard read.
+in expectation; ``mean_iwae_nlls``: under several priors with one decoder pass),
+``decode_samples``, and ``diagnose``: every prior-vs-aggregated-posterior diagnostic (see
+:mod:`priorvae.diagnostics`, :mod:`priorvae.twosample`, :mod:`priorvae.quality`). The metric
+names below are the one list that ``evaluate``, ``compare``, the command line and TensorBoard
+read.
 
 The two-sample measures come in two spaces: ``latent_*`` (prior samples against one posterior
 draw of each held-out image) and ``feature_*`` (decoded, binarized prior samples against
@@ -14,6 +15,8 @@ held-out images, in the quality classifier's features): ``precision``, ``recall`
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import torch
 from tqdm.auto import tqdm
@@ -26,7 +29,7 @@ from .twosample import classifier_two_sample, knn_two_sample
 from .vae import VAE
 
 __all__ = ["TEST_KEYS", "TWO_SAMPLE_KEYS", "DIAGNOSTIC_KEYS", "mean_elbo", "mean_iwae_nll",
-           "decode_samples", "diagnose", "two_sample"]
+           "mean_iwae_nlls", "decode_samples", "diagnose", "two_sample"]
 
 TEST_KEYS = ("test_nll", "test_elbo", "test_recon", "test_kl", "iw_samples", "test_images")
 TWO_SAMPLE_KEYS = ("precision", "recall", "density", "coverage", "c2st_auc", "c2st_acc")
@@ -63,14 +66,27 @@ def mean_elbo(model: VAE, x: torch.Tensor, batch_size: int = 1000) -> dict[str, 
 def mean_iwae_nll(model: VAE, x: torch.Tensor, k: int, batch_size: int = 100,
                   progress: bool = False) -> float:
     """Mean of -IWAE_k(x) over the binary images ``x`` (N, ...), in nats."""
-    total = 0.0
+    return mean_iwae_nlls(model, x, k, [model.prior], batch_size, progress)[0]
+
+
+@torch.no_grad()
+def mean_iwae_nlls(model: VAE, x: torch.Tensor, k: int, priors: list, batch_size: int = 100,
+                   progress: bool = False) -> list[float]:
+    """Mean -IWAE_k(x) over ``x`` (N, ...) under each of ``priors`` with one decoder pass
+    (:meth:`VAE.iwae_priors`): element s equals ``mean_iwae_nll`` of the model with
+    ``priors[s]`` from the same random state."""
+    totals = [0.0] * len(priors)
     batches = tqdm(iterate_batches(x, batch_size, shuffle=False, dynamic_binarization=False),
-                   total=-(-len(x) // batch_size), desc=f"test NLL (K={k})", disable=not progress,
-                   dynamic_ncols=True)
-    with model.prior.frozen():  # the VampPrior encodes its pseudo-inputs once, not per batch
+                   total=-(-len(x) // batch_size), disable=not progress, dynamic_ncols=True,
+                   desc=f"test NLL (K={k}" + (f", {len(priors)} priors)" if len(priors) > 1
+                                               else ")"))
+    with contextlib.ExitStack() as stack:
+        for prior in priors:  # the VampPrior encodes its pseudo-inputs once, not per batch
+            stack.enter_context(prior.frozen())
         for batch in batches:
-            total += -model.iwae(batch, k).sum().item()
-    return total / len(x)
+            for s, row in enumerate(model.iwae_priors(batch, k, priors)):
+                totals[s] += -row.sum().item()
+    return [total / len(x) for total in totals]
 
 
 @torch.no_grad()
