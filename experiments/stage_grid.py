@@ -27,7 +27,10 @@ FINISHED = ("finished", "early_stopped")
 def _git(*args: str, dry_run: bool) -> None:
     print("git " + " ".join(args))
     if not dry_run:
-        subprocess.run(["git", *args], check=True)
+        done = subprocess.run(["git", *args], capture_output=True, text=True)
+        if done.returncode:
+            raise SystemExit(f"stage_grid: git {args[0]} failed: "
+                             f"{(done.stderr.strip().splitlines() or ['?'])[-1]}")
 
 
 def main() -> int:
