@@ -165,7 +165,8 @@ def _local_patterns() -> list[str]:
 
 def test_a_grid_committed_without_its_local_files_is_still_done(tmp_path, capsys):
     """A new machine gets a grid's finished cells from git, without what .gitignore keeps
-    local (resume checkpoints, locks, TensorBoard events): compare must find them done."""
+    local (resume checkpoints, locks, TensorBoard's projector data): compare must find them
+    done."""
     patterns = _local_patterns()
     assert {"last.pt", ".lock"} <= set(patterns)
     config = tiny_toml(tmp_path / "c.toml", train={"epochs": 2})
@@ -176,7 +177,7 @@ def test_a_grid_committed_without_its_local_files_is_still_done(tmp_path, capsys
     assert main(["compare", str(config), "--out", str(out), "--quiet"]) == 0
     clone = tmp_path / "clone"
     shutil.copytree(out, clone, ignore=shutil.ignore_patterns(*patterns))
-    assert not list(clone.rglob("last.pt")) and not list(clone.rglob("events.out.tfevents.*"))
+    assert not list(clone.rglob("last.pt")) and not list(clone.rglob("projector_config.pbtxt"))
     assert list(clone.rglob("best.pt")) and list(clone.rglob("figures/*.png"))
     capsys.readouterr()
     assert main(["compare", str(config), "--out", str(clone), "--quiet"]) == 0
