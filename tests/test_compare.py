@@ -1,4 +1,5 @@
 import csv
+import re
 import shutil
 from pathlib import Path
 
@@ -98,6 +99,9 @@ def test_compare_adds_expost_rows(tmp_path):
     assert all(r["test_nll"] and r["hole_rate"] for r in rows)
     # an ex-post row carries its fit's cost; the others have no fit
     assert [bool(r["fit_seconds"]) for r in rows] == [False, True, False, False]
+    # every row names the classifier behind its fd_* and feature_* numbers: one here
+    assert len({r["quality_classifier"] for r in rows}) == 1
+    assert re.fullmatch("[0-9a-f]{12}", rows[0]["quality_classifier"])
     assert "standard_normal+expost-mog" in (out / "results.md").read_text()
 
 
@@ -183,3 +187,16 @@ def test_a_grid_committed_without_its_local_files_is_still_done(tmp_path, capsys
     assert main(["compare", str(config), "--out", str(clone), "--quiet"]) == 0
     assert capsys.readouterr().out.count("done, skipped") == 2
     assert (clone / "results.csv").read_text() == (out / "results.csv").read_text()
+
+
+def test_results_say_when_rows_come_from_different_quality_classifiers(tmp_path):
+    from priorvae.compare import RESULT_COLUMNS, write_results
+
+    row = {c: None for c in RESULT_COLUMNS} | {"prior": "standard_normal", "latent_dim": 2,
+                                               "run": "r", "test_nll": 1.0}
+    write_results(tmp_path, [row | {"seed": 0, "quality_classifier": "aaaa"},
+                             row | {"seed": 1, "quality_classifier": "aaaa"}])
+    assert "quality classifiers" not in (tmp_path / "results.md").read_text()
+    write_results(tmp_path, [row | {"seed": 0, "quality_classifier": "aaaa"},
+                             row | {"seed": 1, "quality_classifier": "bbbb"}])
+    assert "come from 2 quality classifiers (aaaa, bbbb;" in (tmp_path / "results.md").read_text()

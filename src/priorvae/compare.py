@@ -50,7 +50,7 @@ RESULT_COLUMNS = ["prior", "seed", "latent_dim", "test_elbo", "test_nll",
                   *(k for k in DIAGNOSTIC_KEYS if k != "class_entropy_aggregate"),
                   "train_seconds", "fit_seconds", "epochs_trained", "device", "iw_samples",
                   "test_images",
-                  "log_normalizer_stderr", "evaluation_fallback"]
+                  "log_normalizer_stderr", "evaluation_fallback", "quality_classifier"]
 _COMPARE_KEYS = {"priors", "seeds", "prior_seeds", "latent_dims", "args", "expost", "expost_on"}
 
 
@@ -275,6 +275,12 @@ def write_results(out: Path, rows: list[dict[str, Any]], title: str = "") -> Non
         for r in rows if r.get("log_normalizer_stderr") is not None or r.get("evaluation_fallback")]
     if notes:
         lines += ["", "Evaluated differently (see metrics.json):", "", *notes]
+    classifiers = sorted({str(r.get("quality_classifier")) for r in rows})
+    if len(classifiers) > 1:  # fd_* / feature_* of different classifiers differ a little
+        lines += ["", f"fd_* and feature_* come from {len(classifiers)} quality classifiers "
+                  f"({', '.join(classifiers)}; None: evaluated before the classifier was "
+                  f"recorded): they compare exactly only between rows of one classifier "
+                  f"(results.csv, column quality_classifier)."]
     atomic_write_bytes(out / "results.md", ("\n".join(lines) + "\n").encode())
 
 

@@ -18,7 +18,7 @@ import torch
 from .data import load_splits
 from .errors import RunError
 from .measure import DIAGNOSTIC_KEYS, diagnose, mean_elbo, mean_iwae_nlls
-from .quality import classifier_cache_dir, get_classifier
+from .quality import classifier_cache_dir, classifier_digest, get_classifier
 from .runs import FINISHED, TRAINED, Run, resolve_device
 
 __all__ = ["write_figures", "evaluate_run", "evaluate_sources"]
@@ -202,7 +202,8 @@ def _evaluate_group(run: Run, model, splits, best: dict, group: list[dict], x: t
             metrics, extras = diagnose(model, splits, clf, n=n_diagnostic,
                                        n_log_prob=plan["n_log_prob"])
             results.update(metrics, diagnostic_points=n_diagnostic,
-                           log_prob_points=plan["n_log_prob"])
+                           log_prob_points=plan["n_log_prob"],
+                           quality_classifier=classifier_digest(clf))
             extras["hole_rate"] = metrics["hole_rate"]
             _figures_and_tensorboard(run, model, splits, extras, results, label)
         # this source's own work plus the whole shared pass: what it costs evaluated alone

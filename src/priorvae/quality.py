@@ -14,6 +14,7 @@ split once and caches it in the user cache (``~/.cache/priorvae/classifiers/NAME
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from pathlib import Path
@@ -24,8 +25,8 @@ from torch import nn
 
 from .data import Splits, iterate_batches
 
-__all__ = ["Classifier", "get_classifier", "classifier_cache_dir", "frechet_distance",
-           "class_entropy", "features"]
+__all__ = ["Classifier", "get_classifier", "classifier_cache_dir", "classifier_digest",
+           "frechet_distance", "class_entropy", "features"]
 
 FEATURES = 64
 
@@ -98,6 +99,18 @@ def get_classifier(splits: Splits, cache_dir: str | Path | None, epochs: int | N
 
         save_checkpoint(path, {"model": model.state_dict(), "test_accuracy": acc})
     return model
+
+
+def classifier_digest(classifier: nn.Module) -> str:
+    """The first 12 hex digits of the sha256 of the classifier's weights. Every fd_* and
+    feature_* number depends on the classifier, which each machine trains once (seeded, but
+    another thread count or CPU can round differently): numbers with different digests do not
+    compare exactly."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(classifier.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:12]
 
 
 @torch.no_grad()
