@@ -137,11 +137,15 @@ def evaluate_sources(run_dir: str | Path, prior_sources: list[str] | tuple[str, 
                 plan["prior"], label, iw_samples or cfg.eval.iw_samples, iw_samples, limit,
                 len(splits.x_test), n_diagnostic)
             plans.setdefault((k, lim), []).append(plan)
+        # one classifier for every source's fd_* and feature_* (loaded or trained once; it
+        # draws from its own generator, so the sources' random states are untouched)
+        classifier = (get_classifier(splits, classifier_cache_dir(), progress=progress)
+                      if diagnostics else None)
         out = {}
         try:
             for (k, lim), group in plans.items():
                 x = splits.x_test if lim is None else splits.x_test[:lim]
-                _evaluate_group(run, model, splits, best, group, x, k, diagnostics,
+                _evaluate_group(run, model, splits, best, group, x, k, classifier,
                                 n_diagnostic, progress, dev, out)
         finally:
             model.prior = trained_prior
@@ -160,7 +164,7 @@ def _set_rng_state(state: tuple, dev: torch.device) -> None:
 
 
 def _evaluate_group(run: Run, model, splits, best: dict, group: list[dict], x: torch.Tensor,
-                    k: int, diagnostics: bool, n_diagnostic: int, progress: bool,
+                    k: int, classifier, n_diagnostic: int, progress: bool,
                     dev: torch.device, out: dict) -> None:
     """The sources of ``group`` at K = ``k`` on the images ``x``: one shared IWAE pass; the
     random state each step starts from is the one a separate evaluation of each would have
@@ -197,13 +201,12 @@ def _evaluate_group(run: Run, model, splits, best: dict, group: list[dict], x: t
         if getattr(prior, "estimated_normalizer", False):
             # the NLL includes a Monte-Carlo log Z: its standard error goes next to it
             results["log_normalizer_stderr"] = prior.log_normalizer_stderr()
-        if diagnostics:
-            clf = get_classifier(splits, classifier_cache_dir(), progress=progress)
-            metrics, extras = diagnose(model, splits, clf, n=n_diagnostic,
+        if classifier is not None:  # diagnostics asked for
+            metrics, extras = diagnose(model, splits, classifier, n=n_diagnostic,
                                        n_log_prob=plan["n_log_prob"])
             results.update(metrics, diagnostic_points=n_diagnostic,
                            log_prob_points=plan["n_log_prob"],
-                           quality_classifier=classifier_digest(clf))
+                           quality_classifier=classifier_digest(classifier))
             extras["hole_rate"] = metrics["hole_rate"]
             _figures_and_tensorboard(run, model, splits, extras, results, label)
         # this source's own work plus the whole shared pass: what it costs evaluated alone
