@@ -200,3 +200,25 @@ def test_results_say_when_rows_come_from_different_quality_classifiers(tmp_path)
     write_results(tmp_path, [row | {"seed": 0, "quality_classifier": "aaaa"},
                              row | {"seed": 1, "quality_classifier": "bbbb"}])
     assert "come from 2 quality classifiers (aaaa, bbbb;" in (tmp_path / "results.md").read_text()
+
+
+def test_classifier_columns_average_only_the_most_common_classifier(tmp_path):
+    """fd_* / feature_* of two classifiers are on different scales: their mean over seeds
+    keeps the most common classifier's rows and marks the row; other columns keep every seed."""
+    from priorvae.compare import RESULT_COLUMNS, write_results
+
+    row = {c: None for c in RESULT_COLUMNS} | {"prior": "flow", "latent_dim": 2, "run": "r"}
+    rows = [row | {"seed": s, "test_nll": nll, "fd_prior": fd, "quality_classifier": clf}
+            for s, nll, fd, clf in [(0, 80.0, 1.0, "aaaa"), (1, 82.0, 3.0, "aaaa"),
+                                    (2, 84.0, 100.0, "bbbb")]]
+    write_results(tmp_path, rows)
+    text = (tmp_path / "results.md").read_text()
+    table = next(line for line in text.splitlines() if line.startswith("| flow |"))
+    cells = [c.strip() for c in table.split("|")]
+    assert cells[6] == "82 ± 2"  # test NLL: every seed
+    assert "2 ± 1.4 †" in cells  # fd_prior: seeds 0 and 1 (classifier aaaa) only
+    assert "rows of aaaa, the most common" in text and "(flow seed 2)" in text
+    # one classifier: nothing left out, no mark
+    write_results(tmp_path, [r | {"quality_classifier": "aaaa"} for r in rows])
+    text = (tmp_path / "results.md").read_text()
+    assert "†" not in text and "34.67 ± 57" in text

@@ -229,14 +229,45 @@ HEADLINE = [("test NLL", "test_nll", 1), ("ELBO", "test_elbo", 1), ("hole rate",
             ("fit min", "fit_seconds", 60)]
 
 
-def _table(groups: dict[tuple, list[dict]], cols: list[tuple[str, str, float]]) -> list[str]:
+def _quality_key(key: str) -> bool:
+    """Whether a column depends on the quality classifier (fd_*, feature_*, class_entropy_*)."""
+    return key.startswith(("fd_", "feature_", "class_entropy_"))
+
+
+def _main_classifier(rows: list[dict]) -> str | None:
+    """The quality classifier most rows were evaluated with, when rows name more than one
+    (None when they agree): fd_* / feature_* numbers of different classifiers are on different
+    scales, so a mean over seeds must not mix them."""
+    counts: dict[str, int] = {}
+    for row in rows:
+        counts[str(row.get("quality_classifier"))] = counts.get(
+            str(row.get("quality_classifier")), 0) + 1
+    if len(counts) < 2:
+        return None
+    return max(sorted(counts), key=counts.__getitem__)  # ties: the first in sorted order
+
+
+def _values(group: list[dict], key: str, main: str | None, div: float = 1) -> list:
+    """The group's values of ``key`` (divided by ``div``); a classifier-dependent column keeps
+    only the rows of classifier ``main`` (None: every row)."""
+    keep = [r for r in group if main is None or not _quality_key(key)
+            or str(r.get("quality_classifier")) == main]
+    return [None if r[key] in (None, "") else float(r[key]) / div for r in keep]
+
+
+def _table(groups: dict[tuple, list[dict]], cols: list[tuple[str, str, float]],
+           main: str | None = None) -> list[str]:
     """Markdown rows: prior, D, seeds, epochs, device, then mean ± std of each (header, key,
-    divisor) column over the group's seeds."""
+    divisor) column over the group's seeds; classifier-dependent columns over the seeds of
+    classifier ``main`` only, marked † where that leaves seeds out."""
     lines = ["| prior | D | seeds | epochs | device | " + " | ".join(c[0] for c in cols) + " |",
              "|---" * (len(cols) + 5) + "|"]
     for (prior, dim), group in groups.items():
-        cells = [_mean_std([None if r[key] in (None, "") else float(r[key]) / div
-                            for r in group]) for _, key, div in cols]
+        cells = []
+        for _, key, div in cols:
+            values = _values(group, key, main, div)
+            short = _quality_key(key) and len(values) < len(group)
+            cells.append(_mean_std(values) + (" †" if short else ""))
         seeds = ", ".join(str(r["seed"]) for r in group)
         lines.append(f"| {prior} | {dim} | {seeds} | {_span([r['epochs_trained'] for r in group])}"
                      f" | {', '.join(sorted({str(r.get('device')) for r in group}))} | "
@@ -259,6 +290,7 @@ def write_results(out: Path, rows: list[dict[str, Any]], title: str = "") -> Non
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["prior"], row["latent_dim"]), []).append(row)
+    main = _main_classifier(rows)
     lines = [f"# {title or 'Comparison'}", "",
              "Mean ± standard deviation over seeds; nats except hole_rate (share), "
              "active_units (count), fd_* (Fréchet distance in classifier features), "
@@ -266,8 +298,8 @@ def write_results(out: Path, rows: list[dict[str, Any]], title: str = "") -> Non
              "images (precision, recall, coverage in [0, 1]; c2st_auc 0.5 = indistinguishable), "
              "train (the VAE's training) and fit (an ex-post prior's fit) in seconds or minutes; "
              "seeds: the seeds averaged, epochs: the epochs they trained.", "",
-             *_table(groups, HEADLINE), "", "Every column:", "",
-             *_table(groups, [(c, c, 1) for c in cols])]
+             *_table(groups, HEADLINE, main), "", "Every column:", "",
+             *_table(groups, [(c, c, 1) for c in cols], main)]
     notes = [f"- {r['prior']} (seed {r['seed']}): " + "; ".join(
         ([f"test_nll includes an estimated log Z, standard error "
           f"{r['log_normalizer_stderr']:.2g} nats"] if r.get("log_normalizer_stderr") is not None
@@ -275,12 +307,16 @@ def write_results(out: Path, rows: list[dict[str, Any]], title: str = "") -> Non
         for r in rows if r.get("log_normalizer_stderr") is not None or r.get("evaluation_fallback")]
     if notes:
         lines += ["", "Evaluated differently (see metrics.json):", "", *notes]
-    classifiers = sorted({str(r.get("quality_classifier")) for r in rows})
-    if len(classifiers) > 1:  # fd_* / feature_* of different classifiers differ a little
-        lines += ["", f"fd_* and feature_* come from {len(classifiers)} quality classifiers "
+    if main is not None:  # fd_* / feature_* of different classifiers are not comparable
+        classifiers = sorted({str(r.get("quality_classifier")) for r in rows})
+        left = sorted({f"{r['prior']} seed {r['seed']}" for r in rows
+                       if str(r.get("quality_classifier")) != main})
+        lines += ["", f"† fd_* and feature_* come from {len(classifiers)} quality classifiers "
                   f"({', '.join(classifiers)}; None: evaluated before the classifier was "
-                  f"recorded): they compare exactly only between rows of one classifier "
-                  f"(results.csv, column quality_classifier)."]
+                  f"recorded), each trained once per machine. Their means average only the "
+                  f"rows of {main}, the most common; a † marks a row whose other seeds are "
+                  f"left out ({'; '.join(left)}). results.csv has every row's numbers and "
+                  f"its classifier (column quality_classifier)."]
     atomic_write_bytes(out / "results.md", ("\n".join(lines) + "\n").encode())
 
 
@@ -297,6 +333,7 @@ def comparison_figure(out: Path, rows: list[dict]) -> Path:
     from .figures import grid_image
     from .measure import decode_samples
 
+    main = _main_classifier(rows)  # FD bars of one classifier only, as in results.md
     firsts: dict[str, dict] = {}
     for row in rows:
         firsts.setdefault(f"{row['prior']} d{row['latent_dim']}", row)
@@ -330,8 +367,8 @@ def comparison_figure(out: Path, rows: list[dict]) -> Path:
         ax = fig.add_subplot(bottom[0, j])
         means, errs = [], []
         for label in labels:
-            mean, std, count = _stats([r[key] for r in rows
-                                       if f"{r['prior']} d{r['latent_dim']}" == label])
+            mean, std, count = _stats(_values(
+                [r for r in rows if f"{r['prior']} d{r['latent_dim']}" == label], key, main))
             means.append(mean)
             errs.append(std if count >= 2 else float("nan"))  # no bar from a single seed
         ax.bar(range(len(labels)), means, yerr=errs, color=[f"C{i}" for i in range(len(labels))],
