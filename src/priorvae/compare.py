@@ -31,6 +31,7 @@ import io
 import json
 import math
 import time
+from collections import Counter
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -238,10 +239,7 @@ def _main_classifier(rows: list[dict]) -> str | None:
     """The quality classifier most rows were evaluated with, when rows name more than one
     (None when they agree): fd_* / feature_* numbers of different classifiers are on different
     scales, so a mean over seeds must not mix them."""
-    counts: dict[str, int] = {}
-    for row in rows:
-        counts[str(row.get("quality_classifier"))] = counts.get(
-            str(row.get("quality_classifier")), 0) + 1
+    counts = Counter(str(row.get("quality_classifier")) for row in rows)
     if len(counts) < 2:
         return None
     return max(sorted(counts), key=counts.__getitem__)  # ties: the first in sorted order
