@@ -57,7 +57,7 @@ from torch.func import jacfwd, vmap
 
 from priorvae.errors import PriorError
 from priorvae.gaussian import log_standard_normal
-from priorvae.registry import Prior, register_prior
+from priorvae.priors.base import Prior, register_prior
 
 __all__ = ["DiffusionPrior"]
 

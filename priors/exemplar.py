@@ -27,7 +27,7 @@ from torch import nn
 from priorvae.aggregate import mixture_evaluation_limits
 from priorvae.errors import PriorError
 from priorvae.gaussian import LOG_2PI, logsumexp, mixture_log_prob
-from priorvae.registry import Prior, register_prior
+from priorvae.priors.base import Prior, register_prior
 
 __all__ = ["ExemplarPrior"]
 

@@ -40,7 +40,7 @@ from nflows.utils.torchutils import create_alternating_binary_mask
 
 from priorvae.errors import PriorError
 from priorvae.gaussian import log_standard_normal
-from priorvae.registry import Prior, register_prior
+from priorvae.priors.base import Prior, register_prior
 
 __all__ = ["FlowPrior", "TRANSFORMS"]
 

@@ -19,7 +19,7 @@ from torch import nn
 
 from priorvae.errors import PriorError
 from priorvae.gaussian import mixture_log_prob
-from priorvae.registry import Prior, register_prior
+from priorvae.priors.base import Prior, register_prior
 
 __all__ = ["MixtureOfGaussians"]
 

@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from priorvae.errors import PriorError
-from priorvae.registry import Prior, build_prior, register_prior
+from priorvae.priors.base import Prior, build_prior, register_prior
 
 __all__ = ["ResampledPrior"]
 

@@ -15,7 +15,7 @@ References:
 import torch
 
 from priorvae.gaussian import log_standard_normal
-from priorvae.registry import Prior, register_prior
+from priorvae.priors.base import Prior, register_prior
 
 __all__ = ["StandardNormal"]
 

@@ -5,20 +5,19 @@ from importlib.metadata import EntryPoint
 import pytest
 import torch
 
-import priorvae.registry as registry
 from priorvae.errors import PriorError
-from priorvae.priors import Prior, PriorContext, build_prior, list_priors, register_prior
+from priorvae.priors import PRIORS, Prior, PriorContext, build_prior, list_priors, register_prior
 
 
 @pytest.fixture
 def clean_registry():
     """Undo registrations a test makes."""
-    before = dict(registry._REGISTRY)
-    loaded = dict(registry._loaded)
+    before = dict(PRIORS._classes)
+    loaded = dict(PRIORS._loaded)
     yield
-    registry._REGISTRY.clear()
-    registry._REGISTRY.update(before)
-    registry._loaded.update(loaded)
+    PRIORS._classes.clear()
+    PRIORS._classes.update(before)
+    PRIORS._loaded.update(loaded)
 
 
 class Shifted(Prior):
@@ -175,7 +174,7 @@ def test_entry_point_plugins_are_registered(tmp_path, monkeypatch, clean_registr
         return eps if group == "priorvae.priors" else []
 
     monkeypatch.setattr("importlib.metadata.entry_points", fake_entry_points)
-    registry._loaded["entry_points"] = False
+    PRIORS._loaded["entry_points"] = False
     assert "narrow" in list_priors()
     assert build_prior("narrow", latent_dim=2).sample(2).shape == (2, 2)
     sys.modules.pop("plugin_priors_mod", None)

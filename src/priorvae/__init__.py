@@ -2,7 +2,7 @@
 
 from .config import Config, load_config
 from .errors import PriorVAEError
-from .registry import Prior, PriorContext, build_prior, list_priors, register_prior
+from .priors import Prior, PriorContext, build_prior, list_priors, register_prior
 from .vae import VAE, build_vae
 
 __version__ = "0.1.0"

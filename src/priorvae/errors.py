@@ -1,7 +1,7 @@
 """Exceptions that the command line prints as one clear line, without a traceback."""
 
-__all__ = ["PriorVAEError", "ConfigError", "DataError", "PriorError", "TrainingError", "RunError",
-           "RunBusyError"]
+__all__ = ["PriorVAEError", "ConfigError", "DataError", "PluginError", "PriorError",
+           "TrainingError", "RunError", "RunBusyError"]
 
 
 class PriorVAEError(Exception):
@@ -16,7 +16,12 @@ class DataError(PriorVAEError):
     """A data set cannot be found, read or downloaded."""
 
 
-class PriorError(PriorVAEError, ValueError):
+class PluginError(PriorVAEError, ValueError):
+    """A plug-in (prior, data set, likelihood, network) cannot be registered, found or built,
+    or a run folder names code that the user did not choose."""
+
+
+class PriorError(PluginError):
     """A prior cannot be registered or built (unknown name, bad arguments, wrong shapes)."""
 
 

@@ -1,467 +1,217 @@
-"""The prior registry and the :class:`Prior` base class.
+"""One registry mechanism for every plug-in kind (priors, data sets, likelihoods, networks).
 
-Like torchvision's ``register_model``/``get_model``/``list_models``::
+Like torchvision's ``register_model``/``get_model``/``list_models``, a :class:`Registry` is a
+name -> class map and nothing else::
 
-    @register_prior("mog")
-    class MixtureOfGaussians(Prior): ...
+    LIKELIHOODS = Registry("likelihood", Likelihood, "priorvae.likelihoods")
+    register_likelihood, list_likelihoods = LIKELIHOODS.register, LIKELIHOODS.list
+    build_likelihood = LIKELIHOODS.build
 
-    build_prior("mog", latent_dim=40, n_components=10)
-    list_priors("*flow*")
+    @register_likelihood("bernoulli")
+    class Bernoulli(Likelihood): ...
 
-A prior is an ``nn.Module`` with ``log_prob(z) -> (B,)`` and ``sample(n) -> (n, D)``. Its
-state lives in parameters and buffers, so ``.to(device)``, ``state_dict()`` and checkpoints
-just work. Subclasses of :class:`Prior` implement ``_log_prob`` and ``_sample``; the public
-methods check shapes and call them.
+    build_likelihood("bernoulli", **args)      # unknown arguments refused, accepted ones listed
+    list_likelihoods("b*")
 
-Names may also be ``"path/to/file.py:ClassName"`` or ``"package.module:ClassName"`` (the class
-is imported, no registration needed), and installed packages can register priors through the
-entry-point group ``priorvae.priors``.
+- ``register(name)``: class decorator; a duplicate name is an error, a name has no ':'.
+- the entry-point group (``priorvae.priors``, ``priorvae.likelihoods``, ...): installed
+  packages register classes under the entry point's name.
+- ``list(pattern)``: sorted names matching a glob.
+- ``get(name_or_spec)``: the class; an unknown name lists the known ones and close matches. A
+  spec ``path/to/file.py:Class`` or ``module:Class`` is imported through the one gate,
+  :mod:`priorvae.trust` (pinning, run-folder rules), and must subclass the kind's base class.
+- ``build(name, **kwargs)``: keyword arguments checked against the class's ``__init__`` (the
+  ``reserved`` ones are the caller's: ``latent_dim``, context...).
 
-Priors that need context get it at build time by naming it in ``__init__``: ``encoder`` (the
-VAE's encoder module), ``input_shape`` (C, H, W) and ``data`` (training images (N, C, H, W),
-grey levels in [0, 1]; a placeholder when a run is restored from a checkpoint, unless the class
-sets ``needs_data = True``: then a restored run loads the training split again).
-
-What a prior class may declare besides ``_log_prob``/``_sample`` (the trainer, ``fit-prior``,
-``evaluate`` and the contract tests read these; the defaults suit an ordinary density):
-
-- ``needs_data``: built from the training images themselves (exemplar); restoring needs them,
-  and ``log_prob(z, exclude=index)`` leaves each training image's own part out.
-- ``joint``: can be trained jointly with the VAE (False: ex-post only; ``train`` refuses it).
-- ``estimated_normalizer``: ``log_prob`` uses a Monte-Carlo estimate of its normaliser, whose
-  standard error ``log_normalizer_stderr()`` reports (nats).
-- ``fit_loss(z, index)``: the ex-post objective (default: maximum likelihood), and
-  ``fit_defaults``: fit-prior's epochs / batch_size / lr / patience where they differ.
-- ``evaluation_limits``: the largest K / number of test images whose IWAE bound is affordable
-  and the number of points at which the diagnostics may evaluate its log-density (keys
-  ``iw_samples``, ``test_images``, ``log_prob_points``; None: no limit); ``evaluate`` falls back
-  to them and records that it did. Sample-based measures always use every sample.
+Each kind's contract (base class) and built-ins live beside its registry, e.g.
+:mod:`priorvae.priors` for priors.
 """
 
 from __future__ import annotations
 
-import contextlib
 import difflib
 import fnmatch
-import hashlib
 import importlib
-import importlib.util
 import inspect
-import sys
 import warnings
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-import torch
-from torch import nn
+from . import trust
+from .errors import PluginError, PriorVAEError
 
-from .errors import PriorError
+__all__ = ["Registry", "REQUIRED"]
 
-__all__ = [
-    "Prior",
-    "PriorContext",
-    "register_prior",
-    "build_prior",
-    "list_priors",
-    "get_prior_class",
-    "prior_arguments",
-    "pin_prior_spec",
-    "module_file",
-    "CONTEXT_FIELDS",
-    "ENTRY_POINT_GROUP",
-]
+REQUIRED = "<required>"  # an argument without a default, in Registry.arguments()
 
-ENTRY_POINT_GROUP = "priorvae.priors"
-CONTEXT_FIELDS = ("encoder", "input_shape", "data")
-_REGISTRY: dict[str, type] = {}
-_loaded = {"builtins": False, "entry_points": False}
+# names that moved to priorvae.priors (the Prior contract lives beside the priors); kept
+# importable from here
+_PRIOR_NAMES = ("Prior", "PriorContext", "register_prior", "build_prior", "list_priors",
+                "get_prior_class", "prior_arguments", "pin_prior_spec", "CONTEXT_FIELDS",
+                "ENTRY_POINT_GROUP", "PRIORS")
 
 
-class Prior(nn.Module):
-    """Base class of priors p(z) over R^D.
+def __getattr__(name):
+    if name in _PRIOR_NAMES:
+        from .priors import base
 
-    Subclasses call ``super().__init__(latent_dim)`` and implement ``_log_prob(z)`` (B, D) ->
-    (B,) and ``_sample(n)`` -> (n, D). The public ``log_prob``/``sample`` check the shapes.
+        return getattr(base, name)
+    if name == "module_file":
+        return trust.module_file
+    raise AttributeError(f"module 'priorvae.registry' has no attribute {name!r}")
+
+
+def _qualname(cls: Any) -> str:
+    return f"{cls.__module__}.{cls.__qualname__}" if isinstance(cls, type) else repr(cls)
+
+
+class Registry:
+    """Name -> class map of one plug-in kind.
+
+    Args:
+        kind: the kind in words, for messages ("prior", "likelihood", "data set", ...).
+        base: the contract every class must subclass.
+        group: the entry-point group, e.g. ``"priorvae.likelihoods"``.
+        builtins: module imported before the first look-up, so that the built-ins are
+            registered (default: ``group``, the package of the kind).
+        reserved: ``__init__`` arguments that the caller passes (not the user's).
+        error: the exception class raised (a subclass of :class:`PluginError`).
+        name_attr: class attribute set to the registered name (default ``KIND_name``).
     """
 
-    prior_name: str = ""
-    needs_data: bool = False  # built from the training images; restoring needs them again
-    joint: bool = True  # can be the prior of the ELBO during training
-    estimated_normalizer: bool = False  # log_prob includes a Monte-Carlo estimate of log Z
-    evaluation_limits: dict | None = None  # e.g. {"iw_samples": 100, "test_images": 500}
-    fit_defaults: dict = {}  # fit-prior's epochs / batch_size / lr / patience for this prior
+    def __init__(self, kind: str, base: type, group: str, *, builtins: str | None = None,
+                 reserved: tuple[str, ...] = (), error: type[PluginError] = PluginError,
+                 name_attr: str | None = None):
+        self.kind, self.base, self.group = kind, base, group
+        self.builtins = group if builtins is None else builtins
+        self.reserved = tuple(reserved)
+        self.error = error
+        self.name_attr = name_attr or f"{kind.replace(' ', '_')}_name"
+        self._classes: dict[str, type] = {}
+        self._loaded = {"builtins": False, "entry_points": False}
 
-    def __init__(self, latent_dim: int):
-        super().__init__()
-        if not isinstance(latent_dim, int) or latent_dim < 1:
-            raise PriorError(f"latent_dim must be a positive integer, got {latent_dim!r}")
-        self.latent_dim = latent_dim
-        # follows .to(device/dtype) like any buffer, but is no part of the state_dict
-        self.register_buffer("_anchor", torch.zeros(()), persistent=False)
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}, {self.base.__name__}, {self.group!r})"
 
-    def _name(self) -> str:
-        return self.prior_name or type(self).__name__
+    # -- registering -------------------------------------------------------------------------
+    def register(self, name: str):
+        """Class decorator registering a class under ``name``; a duplicate name is an error."""
+        if not isinstance(name, str) or not name or ":" in name:
+            raise self.error(f"a {self.kind} name must be a non-empty string without ':', "
+                             f"got {name!r}")
 
-    def log_prob(self, z: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
-        """log p(z): (B, D) -> (B,).
+        def decorator(cls: type) -> type:
+            if name in self._classes and self._classes[name] is not cls:
+                raise self.error(
+                    f"a {self.kind} named {name!r} is already registered "
+                    f"({_qualname(self._classes[name])}); choose another name for "
+                    f"{_qualname(cls)}")
+            self.require_subclass(cls)
+            setattr(cls, self.name_attr, name)
+            self._classes[name] = cls
+            return cls
 
-        ``exclude`` (B,) names the training images the codes z belong to (their indices into
-        the ``data`` context); a prior built from the training images (``needs_data``) leaves
-        each one's own part out (leave-one-out), others ignore it.
-        """
-        if z.dim() != 2 or z.shape[1] != self.latent_dim:
-            raise PriorError(
-                f"{self._name()}.log_prob expects z of shape (B, {self.latent_dim}), "
-                f"got {tuple(z.shape)}"
-            )
-        if exclude is not None and self.needs_data:
-            out = self._log_prob(z, exclude=exclude)
-        else:
-            out = self._log_prob(z)
-        if out.shape != (z.shape[0],):
-            raise PriorError(
-                f"{self._name()}._log_prob returned shape {tuple(out.shape)}, "
-                f"expected ({z.shape[0]},) for z of shape {tuple(z.shape)}"
-            )
-        return out
+        return decorator
 
-    def sample(self, n: int) -> torch.Tensor:
-        """n draws z ~ p(z): (n, D)."""
-        out = self._sample(int(n))
-        if out.shape != (n, self.latent_dim):
-            raise PriorError(
-                f"{self._name()}._sample({n}) returned shape {tuple(out.shape)}, "
-                f"expected ({n}, {self.latent_dim})"
-            )
-        return out
+    def require_subclass(self, cls: Any) -> None:
+        if not (isinstance(cls, type) and issubclass(cls, self.base)):
+            raise self.error(
+                f"{_qualname(cls)} is not a subclass of {self.base.__module__.split('.')[0]}."
+                f"{self.base.__name__}; subclass it (see its docstring for what to implement)")
 
-    def _log_prob(self, z: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+    def _load(self) -> None:
+        if not self._loaded["builtins"]:
+            self._loaded["builtins"] = True
+            if self.builtins:
+                importlib.import_module(self.builtins)
+        if not self._loaded["entry_points"]:
+            self._loaded["entry_points"] = True
+            from importlib.metadata import entry_points
 
-    def _sample(self, n: int) -> torch.Tensor:
-        raise NotImplementedError
+            for ep in entry_points(group=self.group):
+                if ep.name in self._classes:
+                    continue
+                try:
+                    obj = ep.load()
+                except Exception as exc:  # a broken plug-in must not break the registry
+                    warnings.warn(f"could not load {self.kind} plug-in {ep.name!r} "
+                                  f"({ep.value}): {exc}", stacklevel=3)
+                    continue
+                if ep.name not in self._classes and isinstance(obj, type):
+                    try:
+                        self.register(ep.name)(obj)
+                    except PluginError as exc:
+                        warnings.warn(f"{self.kind} plug-in {ep.name!r} ({ep.value}): {exc}",
+                                      stacklevel=3)
 
-    def fit_loss(self, z: torch.Tensor, index: torch.Tensor | None = None) -> torch.Tensor:
-        """The scalar ``fit-prior`` minimises on codes z (B, D) of the training images
-        ``index`` (B,): the mean negative log-likelihood unless a prior has its own objective
-        (the diffusion prior: denoising score matching)."""
-        return -self.log_prob(z, exclude=index).mean()
+    # -- looking up --------------------------------------------------------------------------
+    def list(self, pattern: str = "*") -> list[str]:
+        """Sorted registered names matching the glob ``pattern``."""
+        self._load()
+        return sorted(n for n in self._classes if fnmatch.fnmatchcase(n, pattern))
 
-    def log_normalizer_stderr(self) -> float | None:
-        """Monte-Carlo standard error (nats) of the log-normaliser estimate that ``log_prob``
-        uses outside training, for priors with ``estimated_normalizer``; None otherwise."""
-        return None
+    def __contains__(self, name: str) -> bool:
+        self._load()
+        return name in self._classes
 
-    def in_training_step(self) -> bool:
-        """True inside an optimisation step (training mode, gradients on): where priors may use
-        cheaper stochastic estimates (a subset of exemplars, a batch estimate of Z)."""
-        return self.training and torch.is_grad_enabled()
+    def get(self, name: str, sha256: str | None = None) -> type:
+        """The class behind a registered name, or behind a spec ``file.py:Class`` /
+        ``module:Class`` imported through :mod:`priorvae.trust` (a file with ``sha256`` only
+        if it still has that hash)."""
+        if not isinstance(name, str):
+            raise self.error(f"a {self.kind} name must be a string, got {name!r}")
+        if trust.is_spec(name):
+            cls = trust.import_class(name, sha256, kind=self.kind, error=self.error)
+            self.require_subclass(cls)
+            return cls
+        self._load()
+        if name not in self._classes:
+            known = sorted(self._classes)
+            close = difflib.get_close_matches(name, known, n=3, cutoff=0.4)
+            hint = f" Did you mean: {', '.join(close)}?" if close else ""
+            raise self.error(
+                f"unknown {self.kind} {name!r}. Known {self.kind}s: {', '.join(known)}.{hint} "
+                f"A custom {self.kind} can be given as 'path/to/file.py:ClassName' or "
+                f"'module:ClassName'.")
+        return self._classes[name]
 
-    @contextlib.contextmanager
-    def frozen(self):
-        """Within this block the parameters are fixed and no gradient is taken (evaluation), so
-        a prior may keep work that depends on its parameters alone in ``self.frozen_cache``
-        (a dict; None outside) instead of redoing it per call: the VampPrior encodes its
-        pseudo-inputs once for a whole test-set NLL instead of once per chunk of samples."""
-        outer = self.frozen_cache
-        self.frozen_cache = {} if outer is None else outer
+    # -- building ----------------------------------------------------------------------------
+    def arguments(self, cls: type) -> dict[str, Any]:
+        """The user's keyword arguments of ``cls`` (not the reserved ones), with defaults
+        (``REQUIRED`` where there is none)."""
+        params = inspect.signature(cls.__init__).parameters
+        return {
+            n: (p.default if p.default is not inspect.Parameter.empty else REQUIRED)
+            for n, p in params.items()
+            if n not in ("self", *self.reserved)
+            and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+        }
+
+    def check_arguments(self, name: str, cls: type, kwargs: dict[str, Any]) -> None:
+        """Refuse unknown arguments (listing the accepted ones) and missing required ones."""
+        params = inspect.signature(cls.__init__).parameters
+        accepts_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+        accepted = self.arguments(cls)
+        unknown = [k for k in kwargs if k not in accepted]
+        if unknown and not accepts_var_kw:
+            listing = ", ".join(f"{k}={v!r}" for k, v in accepted.items()) or "(none)"
+            raise self.error(
+                f"{self.kind} {name!r} got unknown argument(s) "
+                f"{', '.join(map(repr, unknown))}; it accepts: {listing}")
+        missing = [k for k, v in accepted.items() if v == REQUIRED and k not in kwargs]
+        if missing:
+            raise self.error(f"{self.kind} {name!r} needs argument(s): {', '.join(missing)}")
+
+    def build(self, name: str, *args: Any, sha256: str | None = None, **kwargs: Any):
+        """``get(name)(*args, **kwargs)``: the user's keyword arguments checked first, and an
+        exception in the class's ``__init__`` turned into one line. Reserved arguments (the
+        caller's) may be passed by keyword too."""
+        cls = self.get(name, sha256)
+        self.check_arguments(name, cls, {k: v for k, v in kwargs.items()
+                                         if k not in self.reserved})
         try:
-            with torch.no_grad():
-                yield self
-        finally:
-            self.frozen_cache = outer
-
-    frozen_cache: dict | None = None
-
-    @property
-    def device(self) -> torch.device:
-        return self._anchor.device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self._anchor.dtype
-
-    def extra_repr(self) -> str:
-        return f"latent_dim={self.latent_dim}"
-
-
-@dataclass
-class PriorContext:
-    """What a prior may ask for at build time (by naming it in ``__init__``)."""
-
-    encoder: nn.Module | None = None
-    input_shape: tuple[int, ...] | None = None
-    data: torch.Tensor | None = None
-
-
-def register_prior(name: str):
-    """Class decorator registering a prior under ``name``; a duplicate name is an error."""
-    if not isinstance(name, str) or not name or ":" in name:
-        raise PriorError(f"a prior name must be a non-empty string without ':', got {name!r}")
-
-    def decorator(cls: type) -> type:
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise PriorError(
-                f"a prior named {name!r} is already registered ({_qualname(_REGISTRY[name])}); "
-                f"choose another name for {_qualname(cls)}"
-            )
-        _require_prior_class(cls)
-        cls.prior_name = name
-        _REGISTRY[name] = cls
-        return cls
-
-    return decorator
-
-
-def _qualname(cls: type) -> str:
-    return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _require_prior_class(cls) -> None:
-    if not (isinstance(cls, type) and issubclass(cls, Prior)):
-        raise PriorError(f"{_qualname(cls) if isinstance(cls, type) else repr(cls)} is not a "
-                         f"subclass of priorvae.Prior; subclass it and implement _log_prob(z) "
-                         f"and _sample(n)")
-
-
-def _load_builtins() -> None:
-    if not _loaded["builtins"]:
-        _loaded["builtins"] = True
-        importlib.import_module("priorvae.priors")
-
-
-def _load_entry_points() -> None:
-    if _loaded["entry_points"]:
-        return
-    _loaded["entry_points"] = True
-    from importlib.metadata import entry_points
-
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name in _REGISTRY:
-            continue
-        try:
-            obj = ep.load()
-        except Exception as exc:  # a broken plug-in must not break the registry
-            warnings.warn(f"could not load prior plug-in {ep.name!r} ({ep.value}): {exc}",
-                          stacklevel=2)
-            continue
-        if ep.name not in _REGISTRY and isinstance(obj, type):
-            register_prior(ep.name)(obj)
-
-
-def _ensure_loaded() -> None:
-    _load_builtins()
-    _load_entry_points()
-
-
-def list_priors(pattern: str = "*") -> list[str]:
-    """Sorted names of the registered priors matching the glob ``pattern``."""
-    _ensure_loaded()
-    return sorted(n for n in _REGISTRY if fnmatch.fnmatchcase(n, pattern))
-
-
-def _describe(exc: BaseException) -> str:
-    """One line for an exception raised by a user's prior code."""
-    if isinstance(exc, SystemExit):
-        return f"it called sys.exit({exc.code!r})"
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-
-
-def _is_file_spec(target: str) -> bool:
-    return target.endswith(".py") or "/" in target or "\\" in target
-
-
-def _import_file(path: Path, spec: str, sha256: str | None):
-    """Import a prior file from the bytes read once: the hash checked is the code run."""
-    try:
-        source = path.read_bytes()
-    except OSError as exc:
-        raise PriorError(f"cannot read prior file {path} (from {spec!r}): {exc.strerror}") \
-            from None
-    digest = hashlib.sha256(source).hexdigest()
-    if sha256 is not None and digest != sha256:
-        raise PriorError(f"prior file {path} changed since it was chosen (sha256 differs)")
-    mod_name = f"priorvae_user_prior_{digest[:16]}"
-    module = sys.modules.get(mod_name)
-    if module is None:
-        module = importlib.util.module_from_spec(
-            importlib.util.spec_from_loader(mod_name, loader=None, origin=str(path)))
-        module.__file__ = str(path)
-        sys.modules[mod_name] = module
-        try:
-            exec(compile(source, str(path), "exec"), module.__dict__)
-        except (Exception, SystemExit) as exc:  # a prior file must not end the program
-            del sys.modules[mod_name]
-            raise PriorError(f"could not import {path}: {_describe(exc)}") from None
-    return module
-
-
-def _import_from_spec(spec: str, sha256: str | None = None) -> type:
-    """``path/to/file.py:Class`` or ``package.module:Class`` -> the class."""
-    target, _, attr = spec.rpartition(":")
-    if not target or not attr:
-        raise PriorError(
-            f"expected 'path/to/file.py:ClassName' or 'module:ClassName', got {spec!r}")
-    if _is_file_spec(target):
-        path = Path(target).expanduser().resolve()
-        if not path.is_file():
-            raise PriorError(f"prior file not found: {path} (from {spec!r})")
-        module = _import_file(path, spec, sha256)
-    else:
-        try:
-            module = importlib.import_module(target)
-        except ImportError as exc:
-            # console scripts do not put the working folder on sys.path; `python -m` does
-            cwd = str(Path.cwd())
-            if cwd in sys.path:
-                raise PriorError(
-                    f"could not import module {target!r} (from {spec!r}): {exc}") from exc
-            sys.path.insert(0, cwd)
-            try:
-                module = importlib.import_module(target)
-            except ImportError:
-                raise PriorError(
-                    f"could not import module {target!r} (from {spec!r}): {exc}") from exc
-            finally:
-                sys.path.remove(cwd)
-        except (Exception, SystemExit) as exc:
-            raise PriorError(f"could not import module {target!r}: {_describe(exc)}") from None
-    cls = getattr(module, attr, None)
-    if cls is None:
-        names = [n for n, v in vars(module).items() if isinstance(v, type)]
-        raise PriorError(f"{target} has no class {attr!r}; classes there: {', '.join(names)}")
-    if not isinstance(cls, type):
-        raise PriorError(f"{spec!r} is not a class")
-    return cls
-
-
-def module_file(module: str) -> Path | None:
-    """The source file of a top-level module, found as an import would find it (the working
-    folder last), without running any code; None for dotted or unfound modules."""
-    if "." in module:
-        return None  # finding a submodule imports its package
-    for folder in [*sys.path, str(Path.cwd())]:
-        candidate = Path(folder or ".") / f"{module}.py"
-        if candidate.is_file():
-            return candidate.resolve()
-        package = Path(folder or ".") / module / "__init__.py"
-        if package.is_file():
-            return package.resolve()
-    return None
-
-
-def pin_prior_spec(name: str) -> tuple[str, str | None]:
-    """A prior the user chose, pinned for a run folder: a ``file.py:Class`` spec made absolute
-    (against the working folder) with the file's sha256; a top-level ``module:Class`` with its
-    file's sha256; registered names unchanged, no hash."""
-    target, sep, attr = name.rpartition(":")
-    if sep and _is_file_spec(target):
-        path = Path(target).expanduser().resolve()
-        if not path.is_file():
-            raise PriorError(f"prior file not found: {path} (from {name!r})")
-        return f"{path}:{attr}", hashlib.sha256(path.read_bytes()).hexdigest()
-    if sep and (path := module_file(target)) is not None:
-        return name, hashlib.sha256(path.read_bytes()).hexdigest()
-    return name, None
-
-
-def get_prior_class(name: str, sha256: str | None = None) -> type:
-    """The class behind a registered name or an import spec ``file.py:Class``/``module:Class``
-    (a file spec with ``sha256`` is imported only if the file still has that hash)."""
-    if not isinstance(name, str):
-        raise PriorError(f"a prior name must be a string, got {name!r}")
-    if ":" in name:
-        cls = _import_from_spec(name, sha256)
-        _require_prior_class(cls)
-        return cls
-    _ensure_loaded()
-    if name not in _REGISTRY:
-        known = sorted(_REGISTRY)
-        close = difflib.get_close_matches(name, known, n=3, cutoff=0.4)
-        hint = f" Did you mean: {', '.join(close)}?" if close else ""
-        raise PriorError(
-            f"unknown prior {name!r}. Known priors: {', '.join(known)}.{hint} "
-            f"A custom prior can be given as 'path/to/file.py:ClassName' or 'module:ClassName'."
-        )
-    return _REGISTRY[name]
-
-
-def prior_arguments(cls: type) -> dict[str, Any]:
-    """Keyword arguments a prior class accepts (besides latent_dim and context), with defaults."""
-    params = inspect.signature(cls.__init__).parameters
-    return {
-        n: (p.default if p.default is not inspect.Parameter.empty else "<required>")
-        for n, p in params.items()
-        if n not in ("self", "latent_dim", *CONTEXT_FIELDS)
-        and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-    }
-
-
-def _check_built(prior: Prior, name: str, latent_dim: int) -> None:
-    """Probe log_prob and sample once so a wrong shape fails now, not deep inside training
-    (the public methods check the shapes)."""
-    z = torch.zeros(3, latent_dim, device=prior.device, dtype=prior.dtype)
-    with torch.no_grad():
-        try:
-            prior.log_prob(z)
-            prior.sample(2)
-        except PriorError:
+            return cls(*args, **kwargs)
+        except PriorVAEError:
             raise
-        except Exception as exc:
-            raise PriorError(
-                f"prior {name!r} failed its build-time check (log_prob on z of shape "
-                f"(3, {latent_dim}), sample(2)): {type(exc).__name__}: {exc}"
-            ) from None
-
-
-def build_prior(
-    name: str,
-    *,
-    latent_dim: int,
-    context: PriorContext | None = None,
-    file_sha256: str | None = None,
-    **kwargs: Any,
-) -> Prior:
-    """Build a prior by registered name (or import spec) for latent dimension ``latent_dim``.
-
-    Context (encoder, input shape, training data) is passed to the priors that name it in their
-    ``__init__``. Unknown keyword arguments are rejected, listing the accepted ones.
-    """
-    cls = get_prior_class(name, file_sha256)
-    params = inspect.signature(cls.__init__).parameters
-    accepts_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    accepted = prior_arguments(cls)
-    unknown = [k for k in kwargs if k not in accepted]
-    if unknown and not accepts_var_kw:
-        listing = ", ".join(f"{k}={v!r}" for k, v in accepted.items()) or "(none)"
-        raise PriorError(
-            f"prior {name!r} got unknown argument(s) {', '.join(map(repr, unknown))}; "
-            f"it accepts: {listing}"
-        )
-    missing = [k for k, v in accepted.items() if v == "<required>" and k not in kwargs]
-    if missing:
-        raise PriorError(f"prior {name!r} needs argument(s): {', '.join(missing)}")
-    context = context or PriorContext()
-    ctx_kwargs = {}
-    for field_name in CONTEXT_FIELDS:
-        if field_name in params:
-            value = getattr(context, field_name)
-            if value is None and params[field_name].default is inspect.Parameter.empty:
-                raise PriorError(
-                    f"prior {name!r} needs the {field_name!r} context, which the VAE gives at "
-                    f"build time; build it through build_vae() or pass "
-                    f"context=PriorContext({field_name}=...)"
-                )
-            if value is not None:
-                ctx_kwargs[field_name] = value
-    if "latent_dim" not in params and not accepts_var_kw:
-        raise PriorError(f"prior class {_qualname(cls)} must accept a latent_dim argument")
-    try:
-        prior = cls(latent_dim=latent_dim, **ctx_kwargs, **kwargs)
-    except PriorError:
-        raise
-    except (Exception, SystemExit) as exc:  # a prior's __init__ must not end the program
-        raise PriorError(f"could not build prior {name!r}: {_describe(exc)}") from None
-    _check_built(prior, name, latent_dim)
-    return prior
+        except (Exception, SystemExit) as exc:  # user code must not end the program
+            raise self.error(f"could not build {self.kind} {name!r}: "
+                             f"{trust.describe_exception(exc)}") from None

@@ -29,11 +29,9 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import hashlib
 import json
 import os
 import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -42,6 +40,7 @@ import torch
 
 from .config import Config, dump_toml, load_config
 from .errors import ConfigError, RunBusyError, RunError
+from .trust import TRUST_ENV, check_folder_spec, file_sha256, trust_from_env
 
 try:
     import fcntl
@@ -66,7 +65,6 @@ CHECKPOINTS = {"best": BEST_CKPT, "last": LAST_CKPT}
 # the prior-source vocabulary: the run's own prior, q(z) itself, and fitted ex-post priors
 TRAINED, AGGREGATE, EXPOST_PREFIX = "trained", "aggregate", "expost-"
 FINISHED = ("finished", "early_stopped")
-TRUST_ENV = "PRIORVAE_TRUST_REMOTE_CODE"
 MIN_FREE_BYTES = 32 * 2**20  # refuse to start writing a run with less free disk than this
 # keys that may differ between a checkpoint's recorded config and config.toml
 _RUNTIME_KEYS = (("train", "device"), ("train", "compile"))
@@ -160,52 +158,11 @@ def config_diff(old: dict, new: dict, old_name: str = "the run",
     return out
 
 
-def file_sha256(path: str | os.PathLike) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def trust_from_env() -> bool:
-    return os.environ.get(TRUST_ENV, "").strip().lower() in ("1", "true", "yes")
-
-
 def check_prior_code(name: str, sha: str | None, source: Path, run_dir: Path,
                      trust: bool) -> None:
     """Refuse a prior named by a file or module unless the user chose it (see the module
     docstring) or opted in. ``source`` is the file that names it (for the message)."""
-    target, sep, _ = name.rpartition(":")
-    if not sep or trust:
-        return  # a registered name (or the user trusts the folder)
-    if target.endswith(".py") or "/" in target or "\\" in target:
-        path = Path(target)
-        if not path.is_absolute():
-            reason = "a relative path"
-        elif path.resolve().is_relative_to(run_dir.resolve()):
-            reason = "a file inside the run folder"
-        elif not path.is_file():
-            reason = "a file that does not exist here"
-        elif sha is None:
-            reason = "a file without a recorded sha256 (written by an older priorvae?)"
-        elif file_sha256(path) != sha:
-            reason = "a file that changed since the run was made (sha256 differs)"
-        else:
-            return
-    elif target in sys.modules:
-        return  # the user's program imported it already: nothing new runs
-    else:
-        from .registry import module_file
-
-        path = module_file(target)
-        if path is None or sha is None:
-            reason = f"module {target!r}, which would be imported"
-        elif path.is_relative_to(run_dir.resolve()):
-            reason = f"module {target!r} from a file inside the run folder"
-        elif file_sha256(path) != sha:
-            reason = f"module {target!r}, whose file {path} changed since the run was made"
-        else:
-            return  # the module file the user chose, unchanged
-    raise RunError(f"{source} names prior code {name!r}: {reason}. A run folder never runs code "
-                   f"unless you opt in: pass --trust-remote-code (or set {TRUST_ENV}=1) if you "
-                   f"trust whoever wrote it")
+    check_folder_spec(name, sha, source, run_dir, trust, RunError)
 
 
 class Run:
