@@ -32,6 +32,8 @@ What a prior class may declare besides ``_log_prob``/``_sample`` (the trainer, `
   standard error ``log_normalizer_stderr()`` reports (nats).
 - ``fit_loss(z, index)``: the ex-post objective (default: maximum likelihood), and
   ``fit_defaults``: fit-prior's epochs / batch_size / lr / patience where they differ.
+- ``spec_arguments``: arguments that name another prior (``resampled``: ``{"base":
+  "base_args"}``), so that a spec there is pinned, recorded and checked like ``[prior] name``.
 - ``evaluation_limits``: the largest K / number of test images whose IWAE bound is affordable
   and the number of points at which the diagnostics may evaluate its log-density (keys
   ``iw_samples``, ``test_images``, ``log_prob_points``; None: no limit); ``evaluate`` falls back
@@ -83,6 +85,10 @@ class Prior(nn.Module):
     estimated_normalizer: bool = False  # log_prob includes a Monte-Carlo estimate of log Z
     evaluation_limits: dict | None = None  # e.g. {"iw_samples": 100, "test_images": 500}
     fit_defaults: dict = {}  # fit-prior's epochs / batch_size / lr / patience for this prior
+    # arguments whose value names another prior (a registered name or a spec), each mapped to
+    # the argument holding that prior's own arguments: such names are pinned, recorded and
+    # put to the gate (priorvae.trust) like [prior] name itself
+    spec_arguments: dict[str, str | None] = {}
 
     def __init__(self, latent_dim: int):
         super().__init__()

@@ -18,7 +18,8 @@ normalised for any a, and pi(z) a(z) / Z as T grows. Z is estimated by Monte Car
   error in nats (delta method: std(a) / (sqrt(S) Z)), reported next to the test NLL.
 
 The base is N(0, I) or any registered prior that needs no build context (``base``,
-``base_args``); its parameters, if any, are learned too. With a constant a(z) the prior is
+``base_args``; a ``file.py:Class`` spec there is pinned and checked like ``[prior] name``); its
+parameters, if any, are learned too. With a constant a(z) the prior is
 exactly the base (a new resampled prior is, since the last layer starts at zero).
 
 References:
@@ -52,6 +53,7 @@ class ResampledPrior(Prior):
     """
 
     estimated_normalizer = True
+    spec_arguments = {"base": "base_args"}  # base names a prior: through the gate like [prior]
 
     def __init__(self, latent_dim: int, base: str = "standard_normal",
                  base_args: dict | None = None, hidden: tuple = (100, 100), truncation: int = 100,

@@ -12,9 +12,12 @@ SHARED_DATA = Path(os.environ.get("PRIORVAE_TEST_DATA", REPO.parent / "shared" /
 
 @pytest.fixture(autouse=True, scope="session")
 def _private_cache(tmp_path_factory):
-    """Caches (the sample-quality classifier) go to a temporary folder, for subprocesses too."""
+    """Caches (the sample-quality classifier) and the user's trust record (code chosen for run
+    folders) go to temporary folders, for subprocesses too."""
     mp = pytest.MonkeyPatch()
     mp.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+    mp.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("config")))
+    mp.delenv("PRIORVAE_TRUST_REMOTE_CODE", raising=False)
     mp.delenv("PRIORVAE_DATA", raising=False)
     yield
     mp.undo()

@@ -61,11 +61,9 @@ def default_run_dir(config_path: str | None, cfg) -> Path:
 
 def _cmd_train(args) -> int:
     from .config import load_config
-    from .registry import pin_prior_spec
     from .train import train
 
-    cfg = load_config(args.config, args.set)
-    cfg.prior.name, cfg.prior.file_sha256 = pin_prior_spec(cfg.prior.name)  # the user's choice
+    cfg = load_config(args.config, args.set)  # train() pins the code it names: the user's choice
     run_dir = Path(args.out) if args.out else default_run_dir(args.config, cfg)
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun, rank 0 alone reports
     if main_rank:

@@ -41,7 +41,7 @@ import torch
 from .config import Config, PriorConfig, load_config, validate
 from .errors import ConfigError, PriorVAEError, RunBusyError, RunError
 from .measure import DIAGNOSTIC_KEYS
-from .registry import pin_prior_spec
+from .priors import PRIORS, pin_prior_spec
 from .runs import AGGREGATE, EXPOST_PREFIX, FINISHED, TRAINED, Run, atomic_write_bytes
 
 __all__ = ["grid", "execution_order", "check_grid", "run_compare", "write_results",
@@ -104,10 +104,10 @@ def grid(cfg: Config) -> list[tuple[str, Config]]:
         _unique_list(f"prior_seeds.{key}", value, "int", 0)
     runs = []
     for prior in priors:
-        pinned, sha = pin_prior_spec(prior)
         short = prior.rpartition(":")[2]
         kwargs = dict(args.get(prior, args.get(short, cfg.prior.kwargs
                                                 if prior == cfg.prior.name else {})))
+        pinned, sha, kwargs = PRIORS.pin(prior, kwargs)  # the user's choice: recorded
         own_seeds = prior_seeds.get(prior, prior_seeds.get(short, seeds))
         for dim in dims or [cfg.model.latent_dim]:
             for seed in own_seeds:

@@ -42,6 +42,9 @@ __all__ = [
     "describe",
     "TABLES",
     "DATASETS",
+    "plugin_tables",
+    "pin_plugins",
+    "resolve_plugins",
 ]
 
 # Tables that belong to other commands; `train` keeps them but does not interpret them.
@@ -340,3 +343,33 @@ def dump_toml(data: dict[str, Any]) -> str:
             lines.append(f"{key} = {_toml_value(value)}")
         lines.append("")
     return "\n".join(lines)
+
+
+def plugin_tables(cfg: Config) -> dict[str, PriorConfig]:
+    """The tables that name a plug-in (``name`` + its arguments), by table name."""
+    return {"prior": cfg.prior}
+
+
+def pin_plugins(cfg: Config) -> Config:
+    """The user chose ``cfg``: every spec in its plug-in tables (names, and arguments that name
+    classes) made absolute, hashed and recorded in the user's trust record
+    (:meth:`priorvae.registry.Registry.pin`). Changes ``cfg`` in place and returns it."""
+    from .registry import kind_registry
+
+    for table, body in plugin_tables(cfg).items():
+        registry = kind_registry(table)
+        if registry is not None:
+            body.name, body.file_sha256, body.kwargs = registry.pin(body.name, body.kwargs)
+    return cfg
+
+
+def resolve_plugins(cfg: Config) -> None:
+    """Look up every class ``cfg`` names (:meth:`priorvae.registry.Registry.resolve`); inside
+    :func:`priorvae.trust.reading_folder` this is the gate's decision on every spec a run
+    folder's config names, before any of its code runs."""
+    from .registry import kind_registry
+
+    for table, body in plugin_tables(cfg).items():
+        registry = kind_registry(table)
+        if registry is not None:
+            registry.resolve(body.name, body.file_sha256, body.kwargs)

@@ -1,7 +1,7 @@
 """Exceptions that the command line prints as one clear line, without a traceback."""
 
 __all__ = ["PriorVAEError", "ConfigError", "DataError", "PluginError", "PriorError",
-           "TrainingError", "RunError", "RunBusyError"]
+           "TrainingError", "RunError", "RunBusyError", "UntrustedCodeError"]
 
 
 class PriorVAEError(Exception):
@@ -35,3 +35,7 @@ class RunError(PriorVAEError):
 
 class RunBusyError(RunError):
     """Another process holds the run folder's lock (training, evaluating or fitting in it)."""
+
+
+class UntrustedCodeError(RunError):
+    """A run folder names code (a file or module) that the user did not choose."""

@@ -39,19 +39,19 @@ from .config import dump_toml, tomllib
 from .data import input_shape, load_splits
 from .errors import PriorError, RunError
 from .gaussian import component_log_probs
-from .registry import Prior, PriorContext, build_prior, get_prior_class, pin_prior_spec
+from .priors import PRIORS, Prior, PriorContext, build_prior, get_prior_class
 from .runs import (
     AGGREGATE,
     EXPOST_PREFIX,
     TRAINED,
     Run,
     atomic_write_bytes,
-    check_prior_code,
     load_checkpoint,
     load_weights,
     resolve_device,
     save_checkpoint,
 )
+from .trust import reading_folder
 
 __all__ = ["fit_prior", "em_fit_mog", "fit_record", "load_prior_source", "prior_sources"]
 
@@ -157,8 +157,7 @@ def fit_prior(run_dir: str | Path, name: str, kwargs: dict[str, Any] | None = No
     ``fit_defaults`` (a diffusion model needs far more steps than a mixture), else
     100, 1000, 1e-3 and 10.
     """
-    kwargs = dict(kwargs or {})
-    pinned, sha = pin_prior_spec(name)  # the user chose it here: pinned with its hash
+    pinned, sha, kwargs = PRIORS.pin(name, kwargs)  # the user chose it here: pinned, recorded
     given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "patience": patience}
     settings = {**FIT_DEFAULTS, **get_prior_class(pinned, sha).fit_defaults,
                 **{k: v for k, v in given.items() if v is not None}}
@@ -342,17 +341,17 @@ def load_prior_source(run: Run, model, source: str = TRAINED, splits=None):
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError) as exc:
         raise RunError(f"{spec_path} is damaged ({type(exc).__name__}); fit the prior again") \
             from None
-    check_prior_code(name, sha, spec_path, run.path, run.trust_remote_code)
     shape = input_shape(run.config.data.name)
-    if get_prior_class(name, sha).needs_data:  # made of training images: the same ones again
-        if splits is None:
-            splits = load_splits(run.config.data, device=device)
-        data = splits.x_train
-    else:
-        data = torch.zeros(1, *shape)
-    context = PriorContext(encoder=_frozen(model.encoder), input_shape=shape, data=data)
-    prior = build_prior(name, latent_dim=run.config.model.latent_dim, context=context,
-                        file_sha256=sha, **kwargs).to(device)
+    with reading_folder(run.path, spec_path, run.trust_remote_code):  # every spec to the gate
+        if PRIORS.resolve(name, sha, kwargs).needs_data:  # made of training images: again
+            if splits is None:
+                splits = load_splits(run.config.data, device=device)
+            data = splits.x_train
+        else:
+            data = torch.zeros(1, *shape)
+        context = PriorContext(encoder=_frozen(model.encoder), input_shape=shape, data=data)
+        prior = build_prior(name, latent_dim=run.config.model.latent_dim, context=context,
+                            file_sha256=sha, **kwargs).to(device)
     saved = load_checkpoint(weights_path, map_location=device)
     if not isinstance(saved.get("state_dict"), dict):
         raise RunError(f"{weights_path} is not a fitted prior (no state_dict)")

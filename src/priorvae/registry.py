@@ -39,7 +39,7 @@ from typing import Any
 from . import trust
 from .errors import PluginError, PriorVAEError
 
-__all__ = ["Registry", "REQUIRED"]
+__all__ = ["Registry", "REQUIRED", "KINDS", "kind_registry"]
 
 REQUIRED = "<required>"  # an argument without a default, in Registry.arguments()
 
@@ -58,6 +58,26 @@ def __getattr__(name):
     if name == "module_file":
         return trust.module_file
     raise AttributeError(f"module 'priorvae.registry' has no attribute {name!r}")
+
+
+# the plug-in kinds: config table -> entry-point group (= the package holding the kind's
+# contract, registry and built-ins)
+KINDS = {"data": "priorvae.datasets", "likelihood": "priorvae.likelihoods",
+         "network": "priorvae.networks", "prior": "priorvae.priors"}
+_BY_GROUP: dict[str, Registry] = {}
+
+
+def kind_registry(table: str) -> Registry | None:
+    """The registry of the plug-in kind configured by ``[table]`` (None if that kind's
+    package is not installed)."""
+    group = KINDS[table]
+    if group not in _BY_GROUP:
+        try:
+            importlib.import_module(group)
+        except ModuleNotFoundError as exc:
+            if exc.name is None or not group.startswith(exc.name):
+                raise
+    return _BY_GROUP.get(group)
 
 
 def _qualname(cls: Any) -> str:
@@ -88,6 +108,7 @@ class Registry:
         self.name_attr = name_attr or f"{kind.replace(' ', '_')}_name"
         self._classes: dict[str, type] = {}
         self._loaded = {"builtins": False, "entry_points": False}
+        _BY_GROUP.setdefault(group, self)
 
     def __repr__(self) -> str:
         return f"Registry({self.kind!r}, {self.base.__name__}, {self.group!r})"
@@ -173,6 +194,46 @@ class Registry:
                 f"A custom {self.kind} can be given as 'path/to/file.py:ClassName' or "
                 f"'module:ClassName'.")
         return self._classes[name]
+
+    def spec_arguments(self, cls: type) -> dict[str, str | None]:
+        """The arguments of ``cls`` whose value names another class of this kind (a name or a
+        spec), each mapped to the argument holding that one's own arguments (or None): the
+        class attribute ``spec_arguments`` where the kind's contract declares it."""
+        return dict(getattr(cls, "spec_arguments", None) or {})
+
+    def resolve(self, name: str, sha256: str | None = None,
+                kwargs: dict[str, Any] | None = None) -> type:
+        """:meth:`get` for ``name`` and, recursively, for every argument in ``kwargs`` that
+        names another class (:meth:`spec_arguments`): inside
+        :func:`priorvae.trust.reading_folder` this puts every spec a table names to the gate
+        at once. Returns the class of ``name``."""
+        cls = self.get(name, sha256)
+        kwargs = kwargs or {}
+        for arg, args_arg in self.spec_arguments(cls).items():
+            value = kwargs.get(arg)
+            if isinstance(value, str):
+                inner = kwargs.get(args_arg) if args_arg else None
+                self.resolve(value, None, inner if isinstance(inner, dict) else None)
+        return cls
+
+    def pin(self, name: str, kwargs: dict[str, Any] | None = None
+            ) -> tuple[str, str | None, dict[str, Any]]:
+        """A table the user chose (``name`` and its arguments), pinned for a run folder: every
+        spec in it, ``name`` and the arguments that name classes, made absolute and recorded
+        in the user's trust record (:func:`priorvae.trust.pin`). Returns (name, the file's
+        sha256 or None, arguments)."""
+        pinned, sha = trust.pin(name, self.kind, self.error)
+        kwargs = dict(kwargs or {})
+        cls = self.get(pinned, sha)
+        for arg, args_arg in self.spec_arguments(cls).items():
+            value = kwargs.get(arg)
+            if isinstance(value, str):
+                inner = kwargs.get(args_arg) if args_arg else None
+                kwargs[arg], _, pinned_inner = self.pin(
+                    value, inner if isinstance(inner, dict) else None)
+                if args_arg and isinstance(inner, dict):
+                    kwargs[args_arg] = pinned_inner
+        return pinned, sha, kwargs
 
     # -- building ----------------------------------------------------------------------------
     def arguments(self, cls: type) -> dict[str, Any]:

@@ -13,13 +13,13 @@ A run folder holds::
     events.out.tfevents.*   TensorBoard
 
 A run folder is data, never code. The model is built from ``config.toml`` alone; checkpoints
-are read with ``weights_only=True`` and no checkpoint field ever picks code. A prior named in
-``config.toml`` or ``priors/LABEL.toml`` by a registered name is built from the registry; one
-named by a file (``/abs/path/file.py:Class``) is imported only if the file lies outside the run
-folder and its sha256 is the one recorded when the user chose it; a module (``module:Class``)
-only if the user's program has imported it already, or its file lies outside the run folder
-with the recorded sha256. Anything else needs the user's explicit
-opt-in: ``trust_remote_code=True`` (``--trust-remote-code``, or ``PRIORVAE_TRUST_REMOTE_CODE=1``).
+are read with ``weights_only=True`` and no checkpoint field ever picks code. Every class that
+``config.toml`` or ``priors/LABEL.toml`` names is looked up through the one gate,
+:mod:`priorvae.trust`, when the folder is opened and while its model is built: a registered name
+is built from its registry; code named by a file or module is imported only if the user chose
+it on this machine (it is in their trust record, which the folder cannot write) or the user
+opts in: ``trust_remote_code=True`` (``--trust-remote-code``, or
+``PRIORVAE_TRUST_REMOTE_CODE=1``).
 
 Every file is written atomically (temporary file in the same folder, then rename), and write
 errors (read-only folder, full disk) become one-line :class:`RunError` messages.
@@ -38,9 +38,9 @@ from typing import Any
 
 import torch
 
-from .config import Config, dump_toml, load_config
-from .errors import ConfigError, RunBusyError, RunError
-from .trust import TRUST_ENV, check_folder_spec, file_sha256, trust_from_env
+from .config import Config, dump_toml, load_config, resolve_plugins
+from .errors import ConfigError, PluginError, RunBusyError, RunError
+from .trust import TRUST_ENV, check_folder_spec, file_sha256, reading_folder, trust_from_env
 
 try:
     import fcntl
@@ -52,7 +52,7 @@ __all__ = [
     "TRAINED", "AGGREGATE", "EXPOST_PREFIX", "FINISHED", "TRUST_ENV",
     "Run", "atomic_write_bytes", "save_checkpoint", "load_checkpoint", "resolve_device",
     "load_run", "load_weights", "run_config_dict", "config_diff", "file_sha256",
-    "trust_from_env", "check_prior_code",
+    "trust_from_env", "check_prior_code", "check_config_code",
 ]
 
 CONFIG_FILE = "config.toml"
@@ -158,11 +158,22 @@ def config_diff(old: dict, new: dict, old_name: str = "the run",
     return out
 
 
+def check_config_code(cfg: Config, source: Path, run_dir: Path, trust: bool) -> None:
+    """Every class a run folder's config names, looked up through the gate now
+    (:mod:`priorvae.trust`): code the user did not choose is refused with one line before any
+    of it runs. ``source`` is the file that names it (for messages)."""
+    with reading_folder(run_dir, source, trust):
+        try:
+            resolve_plugins(cfg)
+        except PluginError as exc:
+            raise RunError(f"{source}: {exc}") from None
+
+
 def check_prior_code(name: str, sha: str | None, source: Path, run_dir: Path,
                      trust: bool) -> None:
-    """Refuse a prior named by a file or module unless the user chose it (see the module
-    docstring) or opted in. ``source`` is the file that names it (for the message)."""
-    check_folder_spec(name, sha, source, run_dir, trust, RunError)
+    """Refuse a prior named by a file or module unless the user chose it (see
+    :mod:`priorvae.trust`) or opted in. ``source`` is the file that names it."""
+    check_folder_spec(name, sha, source, run_dir, trust)
 
 
 class Run:
@@ -192,7 +203,7 @@ class Run:
         except ConfigError as exc:
             raise RunError(f"{path / CONFIG_FILE}: {exc}") from None
         trust = trust_remote_code or trust_from_env()
-        check_prior_code(cfg.prior.name, cfg.prior.file_sha256, path / CONFIG_FILE, path, trust)
+        check_config_code(cfg, path / CONFIG_FILE, path, trust)
         run = cls(path, cfg, trust)
         run.metrics()  # a damaged metrics.json is named now, not after an evaluation
         return run
@@ -358,9 +369,11 @@ class Run:
         from .vae import build_vae
 
         cfg = self.config
-        if data is None and get_prior_class(cfg.prior.name, cfg.prior.file_sha256).needs_data:
-            data = load_splits(cfg.data).x_train
-        return build_vae(cfg, input_shape(cfg.data.name), data=data)
+        with reading_folder(self.path, self.path / CONFIG_FILE, self.trust_remote_code):
+            if data is None and get_prior_class(cfg.prior.name,
+                                                cfg.prior.file_sha256).needs_data:
+                data = load_splits(cfg.data).x_train
+            return build_vae(cfg, input_shape(cfg.data.name), data=data)
 
     def load_model(self, which: str = "best", device: str | torch.device = "cpu",
                    checkpoint: dict | None = None):

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from .config import Config
+from .config import Config, pin_plugins
 from .data import binarize, load_splits
 from .distributed import DistEnv, all_reduce_sum, broadcast_object, teardown, world_size
 from .distributed import setup as dist_setup
@@ -225,6 +225,7 @@ def train(cfg: Config, run_dir: str | Path, progress: bool = True) -> dict:
     global batch), validation and training metrics are all-reduced, and rank 0 alone opens the
     run folder, holds its lock and writes checkpoints, metrics.json and TensorBoard.
     """
+    pin_plugins(cfg)  # the caller chose its code: pinned for the folder, in the trust record
     env, device = dist_setup(cfg.train.device)
     try:
         return _train(cfg, Path(run_dir), progress and env.is_main, env, device)
