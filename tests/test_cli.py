@@ -32,7 +32,7 @@ def test_train_evaluate_sample_load_run(tmp_path):
         assert (run / name).is_file(), name
     assert "seed = 5" in (run / "config.toml").read_text()
 
-    out = run_cli("evaluate", str(run), "--iw-samples", "30", "--quiet")
+    out = run_cli("evaluate", str(run), "--iw-samples", "30", "--quiet", "--json")
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["iw_samples"] == 30 and metrics["test_images"] == 300
     assert metrics["test_nll"] > 0 and metrics["test_elbo"] < 0
@@ -51,12 +51,38 @@ def test_train_evaluate_sample_load_run(tmp_path):
     for name in ("samples", "latent_atlas", "log_q_histogram", "hole_scores"):
         assert (run / "figures" / f"{name}.png").is_file()
 
+    # without --json: a summary a person reads, each metric with its better direction; and
+    # evaluating again says nothing about TensorBoard's existing embedding folder
+    out = run_cli("evaluate", str(run), "--iw-samples", "30", "--quiet")
+    assert not out.stdout.lstrip().startswith("{")
+    assert "hole rate ↓" in out.stdout and "(p = q: 1.0%)" in out.stdout
+    assert f"{100 * metrics['hole_rate']:.1f}%" in out.stdout
+    assert "metrics.json" in out.stdout
+    assert "Embedding dir exists" not in out.stdout + out.stderr
+    # the Projector of a 2-d latent: a third column of zeros, named in the tag
+    pbtxt = (run / "projector_config.pbtxt").read_text()
+    assert "test_posterior_means_2d_plus_zero_column" in pbtxt
+    tensors = next(run.glob("*/test_posterior_means_2d_plus_zero_column/tensors.tsv"))
+    rows = [line.split("\t") for line in tensors.read_text().splitlines()]
+    assert len(rows) == 300 and {len(r) for r in rows} == {3} and {float(r[2]) for r in rows} == {0}
+
+    from PIL import Image
     for source in (["--source", "prior"], ["--source", "aggregate"],
                    ["--source", "posterior", "--index", "3"]):
         png = tmp_path / f"samples-{source[1]}.png"
         out = run_cli("sample", str(run), "--n", "16", "--out", str(png), *source)
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
         assert source[1] in out.stdout or "posterior of test image 3" in out.stdout
+        # 4 x 4 digits of 8 px with 1 px gaps, drawn at 4x: (4 * 9 + 1) * 4 = 148 px
+        image = Image.open(png).convert("RGB")
+        width = 148 + (13 * 4 if source[1] == "posterior" else 0)  # + the framed test image
+        assert image.size == (width, 148), (source, image.size)
+        assert f"{image.size[0]}x{image.size[1]} pixels" in out.stdout
+        red = image.getpixel((5, 5))  # the frame around the test image the samples are of
+        assert (red == (255, 0, 0)) == (source[1] == "posterior"), (source, red)
+    png = tmp_path / "scale1.png"
+    run_cli("sample", str(run), "--n", "16", "--out", str(png), "--scale", "1")
+    assert Image.open(png).size == (37, 37)
     bad = run_cli("sample", str(run), "--out", str(tmp_path / "x.png"), "--source", "posterior",
                   check=False)
     assert bad.returncode == 2 and "needs --index" in bad.stderr
@@ -67,6 +93,34 @@ def test_train_evaluate_sample_load_run(tmp_path):
     assert mu.shape == (3, 2) and logvar.shape == (3, 2)
     assert vae.decode(mu).shape == (3, 1, 8, 8)
     assert vae.prior.log_prob(mu).shape == (3,) and vae.prior.sample(5).shape == (5, 2)
+
+
+def test_help_lists_every_command_and_every_option_has_help():
+    from priorvae.cli import build_parser
+
+    parser = build_parser()
+    text = parser.format_help()
+    assert "``" not in text  # no reStructuredText markup in what a person reads
+    commands = next(a for a in parser._actions if a.choices and isinstance(a.choices, dict))
+    assert set(commands.choices) == {"train", "evaluate", "compare", "sample", "fit-prior",
+                                     "priors"}
+    for name, sub in commands.choices.items():
+        assert name in parser.description, name
+        for action in sub._actions:
+            assert action.help, (name, action.option_strings or action.dest)
+        assert "``" not in sub.format_help(), name
+
+
+def test_sample_canvas_scale_and_condition():
+    from priorvae.cli import auto_scale, sample_canvas
+
+    assert (auto_scale(8), auto_scale(28), auto_scale(64)) == (4, 2, 1)
+    images = torch.rand(6, 1, 8, 8)
+    canvas = sample_canvas(images, nrow=3, scale=2)
+    assert canvas.shape == (3, (2 * 9 + 1) * 2, (3 * 9 + 1) * 2)
+    framed = sample_canvas(images, nrow=3, scale=2, condition=torch.zeros(1, 8, 8))
+    assert framed.shape[2] == canvas.shape[2] + 13 * 2
+    assert framed[:, 2, 2].tolist() == [1.0, 0.0, 0.0]  # red frame
 
 
 def test_priors_command_lists_the_registry():

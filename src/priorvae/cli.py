@@ -1,4 +1,4 @@
-"""The ``priorvae`` command line: train, evaluate, sample, priors."""
+"""The ``priorvae`` command line: train, evaluate, compare, sample, fit-prior, priors."""
 
 from __future__ import annotations
 
@@ -13,7 +13,8 @@ from pathlib import Path
 
 from .errors import PriorVAEError
 
-__all__ = ["main", "default_run_dir", "Terminated"]
+__all__ = ["main", "default_run_dir", "evaluation_summary", "auto_scale", "sample_canvas",
+           "Terminated"]
 
 
 class Terminated(KeyboardInterrupt):
@@ -88,10 +89,35 @@ def _cmd_evaluate(args) -> int:
                                trust_remote_code=args.trust_remote_code)
     keys = ("test_elbo", "test_nll", "iw_samples", "test_images", "eval_seconds",
             *DIAGNOSTIC_KEYS)
-    for source, metrics in results.items():  # one JSON line per source
-        line = {k: metrics[k] for k in keys if k in metrics}
-        print(json.dumps(line if len(results) == 1 else {"prior_source": source, **line}))
+    for source, metrics in results.items():
+        if args.json:  # one JSON line per source, every number in full
+            line = {k: metrics[k] for k in keys if k in metrics}
+            print(json.dumps(line if len(results) == 1 else {"prior_source": source, **line}))
+        else:
+            print(evaluation_summary(args.run_dir, source, metrics))
+    if not args.json:
+        print(f"every number: {Path(args.run_dir) / 'metrics.json'} (or --json); pictures: "
+              f"{Path(args.run_dir) / 'figures'}")
     return 0
+
+
+def evaluation_summary(run_dir, source: str, metrics: dict) -> str:
+    """A few lines a person reads: the key metrics of one prior source with their better
+    direction and the value they take when p = q (from :mod:`priorvae.metrics_schema`)."""
+    from .metrics_schema import SUMMARY_KEYS, metric
+
+    head = (f"{run_dir} with prior {source!r}: {metrics.get('test_images')} test images, "
+            f"K = {metrics.get('iw_samples')}")
+    if metrics.get("eval_seconds") is not None:
+        head += f", {metrics['eval_seconds']:.0f} s"
+    lines = [head]
+    for key in SUMMARY_KEYS:
+        if metrics.get(key) is None:
+            continue
+        m = metric(key)
+        ref = f"   (p = q: {m.format(m.reference)})" if m.reference is not None else ""
+        lines.append(f"  {m.label:<26} {m.format(metrics[key]):>12}   {m.cue}{ref}".rstrip())
+    return "\n".join(lines)
 
 
 def _cmd_sample(args) -> int:
@@ -133,12 +159,49 @@ def _cmd_sample(args) -> int:
                     args.n)
                 what = "aggregated-posterior samples"
         images = decode_samples(model, z)
+        condition = splits.x_test[args.index] if args.source == "posterior" else None
+    nrow = args.nrow or max(1, round(args.n**0.5))
+    scale = args.scale or auto_scale(images.shape[-1])
+    canvas = sample_canvas(images, nrow, scale, condition)
     buffer = io.BytesIO()
-    save_image(images, buffer, format="png", nrow=args.nrow or max(1, round(args.n**0.5)),
-               pad_value=1.0)
+    save_image(canvas, buffer, format="png")
     atomic_write_bytes(out, buffer.getvalue())
-    print(f"wrote {args.n} {what} to {out}")
+    shown = (f"; left, framed in red: test image {args.index}"
+             if condition is not None else "")
+    print(f"wrote {args.n} {what} to {out} ({canvas.shape[2]}x{canvas.shape[1]} pixels, "
+          f"each image {images.shape[-1]} px at {scale}x{shown})")
     return 0
+
+
+MIN_IMAGE_PIXELS = 32  # `sample` enlarges smaller images (8x8 digits: 4x) unless --scale says
+
+
+def auto_scale(width: int) -> int:
+    """The smallest integer zoom that shows an image ``width`` pixels wide at 32 pixels or
+    more (8x8 digits: 4; 28x28 MNIST: 2)."""
+    return max(1, -(-MIN_IMAGE_PIXELS // width))
+
+
+def sample_canvas(images, nrow: int, scale: int, condition=None):
+    """The picture ``sample`` writes: a grid of ``images`` (N, C, H, W) in [0, 1], each pixel
+    a ``scale`` x ``scale`` block, with ``condition`` (C, H, W), the image the samples are
+    conditioned on, to the left in a red frame. Returns (3, H', W')."""
+    import torch
+    from torchvision.utils import make_grid
+
+    grid = make_grid(images.float().clamp(0, 1).cpu(), nrow=nrow, padding=1, pad_value=1.0)
+    if condition is not None:
+        c = condition.float().clamp(0, 1).cpu().expand(3, -1, -1)
+        red = torch.tensor([1.0, 0.0, 0.0]).view(3, 1, 1)
+        framed = red.expand(3, c.shape[1] + 2, c.shape[2] + 2).clone()
+        framed[:, 1:-1, 1:-1] = c
+        left = torch.ones(3, max(grid.shape[1], framed.shape[1]), framed.shape[2] + 3)
+        left[:, 1:1 + framed.shape[1], 1:1 + framed.shape[2]] = framed
+        if grid.shape[1] < left.shape[1]:
+            grid = torch.cat([grid, torch.ones(3, left.shape[1] - grid.shape[1],
+                                               grid.shape[2])], 1)
+        grid = torch.cat([left, grid], 2)
+    return grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
 
 
 def _cmd_compare(args) -> int:
@@ -177,8 +240,13 @@ def _cmd_priors(args) -> int:
     return 0
 
 
+DESCRIPTION = ("VAEs with pluggable priors. Commands: train, evaluate, compare, sample, "
+               "fit-prior, priors; 'priorvae COMMAND --help' describes each. Errors are one "
+               "line with exit code 2.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="priorvae", description=__doc__)
+    p = _Parser(prog="priorvae", description=DESCRIPTION)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
     trust = dict(action="store_true", help="allow prior code (a file or module) that the run "
                  "folder names but you did not choose; only for folders whose author you trust "
@@ -192,8 +260,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--quiet", action="store_true", help="no progress bars")
     t.set_defaults(func=_cmd_train)
 
-    e = sub.add_parser("evaluate", help="test ELBO and IWAE NLL of a run's best model")
-    e.add_argument("run_dir")
+    e = sub.add_parser("evaluate", help="test ELBO, IWAE NLL and every prior-vs-q(z) "
+                       "diagnostic of a run's best model; pictures and TensorBoard")
+    e.add_argument("run_dir", help="a trained run folder")
     e.add_argument("--iw-samples", type=positive_int,
                    help="importance samples K (default: [eval])")
     e.add_argument("--device", help="cpu, cuda, ... (default: the run's [train] device)")
@@ -205,16 +274,23 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--no-diagnostics", action="store_true",
                    help="only test ELBO and NLL, no prior-vs-aggregate diagnostics or pictures")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
+    e.add_argument("--json", action="store_true",
+                   help="print every number as one JSON line per prior source instead of "
+                        "the summary")
     e.add_argument("--trust-remote-code", **trust)
     e.set_defaults(func=_cmd_evaluate)
 
     s = sub.add_parser("sample", help="an image grid of samples from a run's prior, its "
                        "aggregated posterior, or one test image's posterior")
-    s.add_argument("run_dir")
-    s.add_argument("--n", type=positive_int, default=64)
-    s.add_argument("--out", required=True, help="PNG file")
-    s.add_argument("--nrow", type=positive_int, help="images per row")
-    s.add_argument("--seed", type=nonnegative_int, default=0)
+    s.add_argument("run_dir", help="a trained run folder")
+    s.add_argument("--n", type=positive_int, default=64, help="number of samples (default 64)")
+    s.add_argument("--out", required=True, help="PNG file to write")
+    s.add_argument("--nrow", type=positive_int,
+                   help="images per row (default: about the square root of --n)")
+    s.add_argument("--scale", type=positive_int,
+                   help="draw each pixel as an S x S block (default: enough to show each image "
+                        f"at {MIN_IMAGE_PIXELS} pixels or more, e.g. 4 for 8x8 digits)")
+    s.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default 0)")
     s.add_argument("--source", choices=["prior", "aggregate", "posterior"], default="prior",
                    help="prior p(z) (default); aggregate q(z) of the training split; "
                         "posterior q(z|x_I) of test image --index I ('digits like this one')")
@@ -227,8 +303,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     c = sub.add_parser("compare", help="train and evaluate the grid of a config's [compare] "
                        "table (priors x seeds); results.csv, results.md, comparison.png")
-    c.add_argument("config")
-    c.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE")
+    c.add_argument("config", help="TOML file with a [compare] table beside the run tables")
+    c.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a config value for every run of the grid")
     c.add_argument("--out", help="experiment folder (default: runs/CONFIG-compare)")
     c.add_argument("--quiet", action="store_true", help="no progress bars")
     c.add_argument("--report-only", action="store_true",
@@ -238,7 +315,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     f = sub.add_parser("fit-prior", help="fit a registered prior to a trained run's aggregated "
                        "posterior (ex-post) and save it in the run as a prior source")
-    f.add_argument("run_dir")
+    f.add_argument("run_dir", help="a trained run folder")
     f.add_argument("--prior", required=True, help="registered name or file.py:Class")
     f.add_argument("--set", action="append", default=[], metavar="prior.KEY=VALUE",
                    help="an argument of the prior, e.g. prior.n_components=50")
@@ -250,8 +327,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--batch-size", type=positive_int, help="default: 1000")
     f.add_argument("--lr", type=_positive_float, help="default: 1e-3 (diffusion: 2e-3)")
     f.add_argument("--patience", type=nonnegative_int, help="default: 10 (diffusion: 100)")
-    f.add_argument("--device")
-    f.add_argument("--quiet", action="store_true")
+    f.add_argument("--device", help="cpu, cuda, ... (default: the run's [train] device)")
+    f.add_argument("--quiet", action="store_true", help="no progress bars")
     f.add_argument("--trust-remote-code", **trust)
     f.set_defaults(func=_cmd_fit_prior)
 

@@ -320,7 +320,10 @@ def write_results(out: Path, rows: list[dict[str, Any]], title: str = "") -> Non
 
 def comparison_figure(out: Path, rows: list[dict]) -> Path:
     """Prior-sample grids per table row (its first seed; ex-post rows sample their fitted
-    prior) above bars of the key metrics, with error bars where a row has 2 or more seeds."""
+    prior) above bars of the key metrics in two rows (mean over seeds, error bars: the
+    standard deviation where a row has 2 or more seeds). Each panel's title says which way is
+    better and a dashed line marks the value when p = q (from :mod:`priorvae.metrics_schema`);
+    a row's colour is the same in its sample grid's title and in every panel."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -330,23 +333,23 @@ def comparison_figure(out: Path, rows: list[dict]) -> Path:
     from .expost import load_prior_source
     from .figures import grid_image
     from .measure import decode_samples
+    from .metrics_schema import FIGURE_KEYS, metric
 
     main = _main_classifier(rows)  # FD bars of one classifier only, as in results.md
     firsts: dict[str, dict] = {}
     for row in rows:
         firsts.setdefault(f"{row['prior']} d{row['latent_dim']}", row)
     labels = list(firsts)
-    metrics = [("test_nll", "test NLL (nats)"), ("marginal_kl", "KL(q(z) || p(z))"),
-               ("kl_prior_to_agg", "KL(p(z) || q(z))"), ("hole_rate", "hole rate"),
-               ("latent_precision", "latent precision"), ("latent_coverage", "latent coverage"),
-               ("latent_c2st_auc", "classifier AUC p vs q"),
-               ("fd_prior", "FD prior samples"), ("fd_aggregate", "FD q(z) samples")]
-    per_line = 6  # sample grids per line, so that a grid of many rows stays readable
+    dims = {r["latent_dim"] for r in rows}
+    names = [lb if len(dims) > 1 else lb.rpartition(" d")[0] for lb in labels]
+    colors = [f"C{i % 10}" for i in range(len(labels))]
+    per_line = 4  # sample grids per line: large enough to see the digits at README width
     lines = math.ceil(len(labels) / per_line)
-    ncol = min(max(len(labels), 3), per_line)
-    fig = plt.figure(figsize=(max(3.2 * ncol, 2.4 * len(metrics)), 3.6 * lines + 3.2))
-    grid_spec = fig.add_gridspec(2, 1, height_ratios=[1.1 * lines, 1])
-    top = grid_spec[0].subgridspec(lines, ncol)
+    bar_cols = 4
+    bar_lines = math.ceil(len(FIGURE_KEYS) / bar_cols)
+    fig = plt.figure(figsize=(12, 3.3 * lines + 3.0 * bar_lines + 0.4))
+    grid_spec = fig.add_gridspec(2, 1, height_ratios=[3.3 * lines, 3.0 * bar_lines])
+    top = grid_spec[0].subgridspec(lines, per_line)
     for i, label in enumerate(labels):
         row = firsts[label]
         run = Run.open(out / row["run"])
@@ -358,31 +361,56 @@ def comparison_figure(out: Path, rows: list[dict]) -> Path:
             images = decode_samples(model, prior.sample(36))
         ax = fig.add_subplot(top[i // per_line, i % per_line])
         ax.imshow(grid_image(images, 6), cmap="gray", vmin=0, vmax=1)
-        ax.set_title(f"{label.rpartition(' d')[0]}: prior samples", fontsize=9)
+        ax.set_title(names[i].replace("+", "\n+ "), fontsize=11, color=colors[i],
+                     fontweight="bold")
         ax.axis("off")
-    bottom = grid_spec[1].subgridspec(1, len(metrics))
-    for j, (key, title) in enumerate(metrics):
-        ax = fig.add_subplot(bottom[0, j])
+    bottom = grid_spec[1].subgridspec(bar_lines, bar_cols, hspace=0.55, wspace=0.35)
+    for j, key in enumerate(FIGURE_KEYS):
+        m = metric(key)
+        scale = 100.0 if m.unit == "%" else 1.0
+        ax = fig.add_subplot(bottom[j // bar_cols, j % bar_cols])
         means, errs = [], []
         for label in labels:
             mean, std, count = _stats(_values(
                 [r for r in rows if f"{r['prior']} d{r['latent_dim']}" == label], key, main))
-            means.append(mean)
-            errs.append(std if count >= 2 else float("nan"))  # no bar from a single seed
-        ax.bar(range(len(labels)), means, yerr=errs, color=[f"C{i}" for i in range(len(labels))],
-               capsize=3)
-        finite = [m for m in means if math.isfinite(m)]
+            means.append(mean * scale)
+            errs.append(std * scale if count >= 2 else float("nan"))  # none from one seed
+        ax.bar(range(len(labels)), means, yerr=errs, color=colors, capsize=4,
+               error_kw={"elinewidth": 1.5})
+        finite = [v for v in means if math.isfinite(v)]
         if key in ("test_nll", "test_elbo") and finite:  # nats far from 0: show the differences
             low, high = min(finite), max(finite)
-            pad = max(1.0, high - low)
-            ax.set_ylim(low - 0.6 * pad, high + 0.4 * pad)
-        ax.set_xticks(range(len(labels)), [lb.rpartition(" d")[0] for lb in labels],
-                      rotation=45, ha="right", fontsize=8)
-        ax.set_title(title, fontsize=9)
-    fig.tight_layout()
+            pad = max(0.5, high - low)
+            ax.set_ylim(low - 0.6 * pad, high + 0.6 * pad)
+        if m.reference is not None:
+            ref = m.reference * scale
+            ax.axhline(ref, color="k", linestyle="--", linewidth=1.2)
+            ax.annotate(f"p = q: {m.format(m.reference)}", (0.0, ref),
+                        xycoords=("axes fraction", "data"), xytext=(3, 3),
+                        textcoords="offset points", ha="left", va="bottom", fontsize=9,
+                        bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.85,
+                              "pad": 1}, zorder=5)
+            if key.endswith("c2st_auc") and finite:  # AUC: 0.5 is the floor that matters
+                ax.set_ylim(0.4, max(0.65, max(finite) + 0.05))
+        ax.set_xticks([])
+        unit = " (%)" if m.unit == "%" else f" ({m.unit})" if m.unit else ""
+        ax.set_title(f"{m.title}{unit}\n{m.arrow} {m.cue}".rstrip(), fontsize=11)
+        ax.tick_params(axis="y", labelsize=9)
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color=c, label=n) for c, n in zip(colors, names,
+                                                                           strict=True)]
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(names), 4), fontsize=10,
+               frameon=False)
+    seeds = sorted({len([r for r in rows if f"{r['prior']} d{r['latent_dim']}" == lb])
+                    for lb in labels})
+    fig.suptitle(f"above: decoded samples of each row's prior (its first seed)\nbars: mean over "
+                 f"{'/'.join(map(str, seeds))} seed(s), error bars: standard deviation; "
+                 f"dashed: the value when the prior matches q(z)", fontsize=11, y=0.995)
+    fig.tight_layout(rect=(0, 0.05, 1, 0.97))
     path = out / "comparison.png"
     buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=100)
+    fig.savefig(buffer, format="png", dpi=90)
     plt.close(fig)
     atomic_write_bytes(path, buffer.getvalue())
     return path
@@ -410,7 +438,7 @@ def _source_evaluated(metrics: dict, label: str) -> bool:
 
 
 def _run_cell(run_dir: Path, run_cfg: Config, step: str, expost_names: list[str],
-              progress: bool) -> None:
+              progress: bool, hparams: list[str] | None = None) -> None:
     """Train one cell unless it is done, fit its missing ex-post priors, then evaluate every
     source not yet evaluated in one go (one decoder pass for the test NLLs that share K)."""
     from .evaluate import evaluate_sources
@@ -435,7 +463,8 @@ def _run_cell(run_dir: Path, run_cfg: Config, step: str, expost_names: list[str]
                 not run.prior_source_files(label)[0].is_file():
             fit_prior(run_dir, expost, progress=progress)
     sources = ([] if done else [TRAINED]) + missing
-    for label, saved in evaluate_sources(run_dir, sources, progress=progress).items():
+    for label, saved in evaluate_sources(run_dir, sources, progress=progress,
+                                         hparam_keys=hparams).items():
         name = step if label == TRAINED else f"{step} with {label}"
         print(f"{name}: test NLL {saved['test_nll']:.2f}, hole rate {saved['hole_rate']:.3f}",
               flush=True)
@@ -492,11 +521,14 @@ def run_compare(config_path: str | Path, overrides: list[str] | None = None,
         atomic_write_bytes(out / "compare.toml",
                            (header + Path(config_path).read_text(encoding="utf-8")).encode())
         order = execution_order(runs)
+        from .evaluate import hparam_keys
+
+        hparams = hparam_keys([run_cfg for _, run_cfg in runs])  # what the grid varies
         for i, (name, run_cfg) in enumerate(order, start=1):
             step = f"[{i}/{len(order)}] {name}"
             try:
                 _run_cell(out / name, run_cfg, step, expost_names if expost_on is None
-                          or run_cfg.prior.name in expost_on else [], progress)
+                          or run_cfg.prior.name in expost_on else [], progress, hparams)
             except RunBusyError as exc:  # another process works in this cell: leave it to it
                 print(f"{step}: skipped, {exc}", flush=True)
     rows, unfinished = _collect_rows(out, runs, expost_names, expost_on)

@@ -9,6 +9,8 @@ The diagnostics are those of :func:`priorvae.measure.diagnose` (names in
 
 from __future__ import annotations
 
+import contextlib
+import io
 import sys
 import time
 from pathlib import Path
@@ -17,11 +19,12 @@ import torch
 
 from .data import load_splits
 from .errors import RunError
-from .measure import DIAGNOSTIC_KEYS, diagnose, mean_elbo, mean_iwae_nlls
+from .measure import diagnose, mean_elbo, mean_iwae_nlls
+from .metrics_schema import SUMMARY_KEYS
 from .quality import classifier_cache_dir, classifier_digest, get_classifier
 from .runs import FINISHED, TRAINED, Run, resolve_device
 
-__all__ = ["write_figures", "evaluate_run", "evaluate_sources"]
+__all__ = ["write_figures", "evaluate_run", "evaluate_sources", "hparam_keys", "projector_points"]
 
 
 def write_figures(extras: dict, prior, run: Run, folder: str, title: str = "", writer=None,
@@ -42,7 +45,8 @@ def write_figures(extras: dict, prior, run: Run, folder: str, title: str = "", w
                                            extras["threshold"], extras.get("hole_rate"), title),
         "hole_scores": hole_score_figure(extras["hole_best"], extras["hole_best_scores"],
                                          extras["hole_worst"], extras["hole_worst_scores"],
-                                         extras.get("latent_c2st_auc"), title),
+                                         extras.get("latent_c2st_auc"), title,
+                                         extras.get("c2st_heldout")),
     }
     paths = []
     for name, fig in figs.items():
@@ -53,20 +57,45 @@ def write_figures(extras: dict, prior, run: Run, folder: str, title: str = "", w
     return paths
 
 
-def _flat_hparams(cfg) -> dict:
+def _flat_config(cfg) -> dict:
+    """``{"table.key": value}`` of a config's tables ([compare] and other extras left out)."""
     out = {}
     for table, body in cfg.to_dict().items():
         if table in cfg.extra:
             continue
         for key, value in body.items():
-            out[f"{table}.{key}"] = str(value) if isinstance(value, list) else value
+            out[f"{table}.{key}"] = value
+    return out
+
+
+DEFAULT_HPARAM_KEYS = ("prior.name", "model.latent_dim", "train.seed")
+
+
+def hparam_keys(configs) -> list[str]:
+    """The config keys worth a column in TensorBoard's HParams for these runs: ``prior.name``
+    always, and every other key whose value differs between them (what a comparison grid
+    varies; no constants)."""
+    flats = [_flat_config(cfg) for cfg in configs]
+    keys = list(dict.fromkeys(k for flat in flats for k in flat))
+    varying = [k for k in keys if len({repr(flat.get(k)) for flat in flats}) > 1]
+    return ["prior.name", *(k for k in varying if k != "prior.name")]
+
+
+def _hparams(cfg, keys) -> dict:
+    """The values of ``keys`` for TensorBoard (lists and booleans as text, missing as '–')."""
+    flat = _flat_config(cfg)
+    out = {}
+    for key in keys:
+        value = flat.get(key, "–")
+        out[key] = (str(value) if isinstance(value, (list, bool, dict)) or value is None
+                    else value)
     return out
 
 
 def evaluate_run(run_dir: str | Path, iw_samples: int | None = None, device: str | None = None,
                  progress: bool = True, limit: int | None = None, diagnostics: bool = True,
                  n_diagnostic: int = 10_000, prior_source: str = TRAINED,
-                 trust_remote_code: bool = False) -> dict:
+                 trust_remote_code: bool = False, hparam_keys: list[str] | None = None) -> dict:
     """Evaluate the best model of a run on its test split; merge the results into metrics.json,
     save the pictures under ``RUN_DIR/figures`` and log them to the run's TensorBoard.
 
@@ -82,18 +111,22 @@ def evaluate_run(run_dir: str | Path, iw_samples: int | None = None, device: str
             a valid bound; results of other sources go under ``prior_sources.SOURCE`` in
             metrics.json, their pictures under ``figures/SOURCE``.
         trust_remote_code: allow prior code that the run folder names but you did not choose.
+        hparam_keys: the config keys TensorBoard's HParams shows for this run (default
+            prior.name, model.latent_dim, train.seed; ``compare`` passes what its grid
+            varies, :func:`hparam_keys`).
 
     Returns the run's metrics (``trained``) or the source's results.
     """
     return evaluate_sources(run_dir, [prior_source], iw_samples, device, progress, limit,
-                            diagnostics, n_diagnostic, trust_remote_code)[prior_source]
+                            diagnostics, n_diagnostic, trust_remote_code,
+                            hparam_keys)[prior_source]
 
 
 def evaluate_sources(run_dir: str | Path, prior_sources: list[str] | tuple[str, ...] = (TRAINED,),
                      iw_samples: int | None = None, device: str | None = None,
                      progress: bool = True, limit: int | None = None, diagnostics: bool = True,
-                     n_diagnostic: int = 10_000, trust_remote_code: bool = False
-                     ) -> dict[str, dict]:
+                     n_diagnostic: int = 10_000, trust_remote_code: bool = False,
+                     hparam_keys: list[str] | None = None) -> dict[str, dict]:
     """:func:`evaluate_run` for several prior sources of one run under one lock, with one
     decoder pass for the test NLL of all sources evaluated at the same K on the same images.
 
@@ -146,7 +179,7 @@ def evaluate_sources(run_dir: str | Path, prior_sources: list[str] | tuple[str, 
             for (k, lim), group in plans.items():
                 x = splits.x_test if lim is None else splits.x_test[:lim]
                 _evaluate_group(run, model, splits, best, group, x, k, classifier,
-                                n_diagnostic, progress, dev, out)
+                                n_diagnostic, progress, dev, out, hparam_keys)
         finally:
             model.prior = trained_prior
         return out
@@ -165,7 +198,7 @@ def _set_rng_state(state: tuple, dev: torch.device) -> None:
 
 def _evaluate_group(run: Run, model, splits, best: dict, group: list[dict], x: torch.Tensor,
                     k: int, classifier, n_diagnostic: int, progress: bool,
-                    dev: torch.device, out: dict) -> None:
+                    dev: torch.device, out: dict, hparam_keys=None) -> None:
     """The sources of ``group`` at K = ``k`` on the images ``x``: one shared IWAE pass; the
     random state each step starts from is the one a separate evaluation of each would have
     (seed, ELBO, IWAE, diagnostics), so sharing changes no number."""
@@ -208,7 +241,7 @@ def _evaluate_group(run: Run, model, splits, best: dict, group: list[dict], x: t
                            log_prob_points=plan["n_log_prob"],
                            quality_classifier=classifier_digest(classifier))
             extras["hole_rate"] = metrics["hole_rate"]
-            _figures_and_tensorboard(run, model, splits, extras, results, label)
+            _figures_and_tensorboard(run, model, splits, extras, results, label, hparam_keys)
         # this source's own work plus the whole shared pass: what it costs evaluated alone
         results["eval_seconds"] = seconds[label] + shared + time.perf_counter() - t0
         if label == TRAINED:
@@ -254,7 +287,8 @@ def _fallback(prior, source: str, k: int, iw_samples, limit, n_test: int, n_diag
     return k, limit, n_log_prob, line
 
 
-def _figures_and_tensorboard(run: Run, model, splits, extras, results, prior_source) -> None:
+def _figures_and_tensorboard(run: Run, model, splits, extras, results, prior_source,
+                             hparam_keys=None) -> None:
     from torch.utils.tensorboard import SummaryWriter
 
     cfg = run.config
@@ -268,11 +302,24 @@ def _figures_and_tensorboard(run: Run, model, splits, extras, results, prior_sou
                       title, writer if trained else None, step)
         if trained:
             n_emb = min(2000, len(splits.x_test))
-            writer.add_embedding(extras["mu_heldout"][:n_emb].cpu(),
-                                 metadata=splits.y_test[:n_emb].cpu().tolist(),
-                                 label_img=splits.x_test[:n_emb].cpu(), global_step=step,
-                                 tag="test_posterior_means")
-            writer.add_hparams(_flat_hparams(cfg),
-                               {f"hparams/{key}": results[key] for key in
-                                ("test_nll", "test_elbo", *DIAGNOSTIC_KEYS) if key in results},
+            points, tag = projector_points(extras["mu_heldout"][:n_emb].cpu())
+            # evaluating again rewrites the same step's files: TensorBoard's warning about an
+            # existing folder is expected then and says nothing wrong
+            with contextlib.redirect_stdout(io.StringIO()):
+                writer.add_embedding(points, metadata=splits.y_test[:n_emb].cpu().tolist(),
+                                     label_img=splits.x_test[:n_emb].cpu(), global_step=step,
+                                     tag=tag)
+            writer.add_hparams(_hparams(cfg, hparam_keys or DEFAULT_HPARAM_KEYS),
+                               {f"hparams/{key}": results[key] for key in SUMMARY_KEYS
+                                if results.get(key) is not None},
                                run_name=".")
+
+
+def projector_points(mu: torch.Tensor) -> tuple[torch.Tensor, str]:
+    """Posterior means (N, D) for TensorBoard's Projector and their tag. Its PCA needs three
+    dimensions (with two it shows no points and "Total variance described: NaN%"), so a 2-d
+    latent gets a third column of zeros, named in the tag; D >= 3 is passed as it is."""
+    if mu.shape[1] >= 3:
+        return mu, "test_posterior_means"
+    pad = torch.zeros(len(mu), 3 - mu.shape[1], dtype=mu.dtype)
+    return torch.cat([mu, pad], 1), f"test_posterior_means_{mu.shape[1]}d_plus_zero_column"

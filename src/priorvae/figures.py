@@ -19,7 +19,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
 from torchvision.utils import make_grid  # noqa: E402
 
-__all__ = ["samples_figure", "latent_atlas", "log_q_histogram", "hole_score_figure", "grid_image"]
+__all__ = ["samples_figure", "latent_atlas", "log_q_histogram", "hole_score_figure", "grid_image",
+           "auc_noise"]
 
 
 def grid_image(images: torch.Tensor, nrow: int = 8):
@@ -52,6 +53,9 @@ def _pca(mu: torch.Tensor):
     return center, v[:2].T  # (D,), (D, 2)
 
 
+MAX_ATLAS_PRIOR_SAMPLES = 600  # enough to see where the prior puts mass, few enough to see codes
+
+
 @torch.no_grad()
 def latent_atlas(mu, labels, prior_z, prior=None, agg=None, threshold=None, title=""):
     """Posterior means (N, D) coloured by ``labels`` (N,), prior samples (M, D) overlaid."""
@@ -79,15 +83,20 @@ def latent_atlas(mu, labels, prior_z, prior=None, agg=None, threshold=None, titl
         pts = ((mu.double().cpu() - center) @ proj).float()
         pz = ((prior_z.double().cpu() - center) @ proj).float()
         xlabel, ylabel = "PC 1 of the posterior means", "PC 2"
-    sc = ax.scatter(pts[:, 0], pts[:, 1], c=labels.cpu(), cmap="tab10", s=3, alpha=0.6)
-    ax.scatter(pz[:, 0], pz[:, 1], c="k", marker="x", s=8, linewidths=0.6, alpha=0.5,
-               label="prior samples")
-    ax.legend(loc="upper right", fontsize=8)
+    # prior samples first, small and grey, the codes over them: a dot that stays visible is
+    # prior mass where no image encodes
+    pz = pz[:MAX_ATLAS_PRIOR_SAMPLES]
+    ax.scatter(pz[:, 0], pz[:, 1], c="k", marker="o", s=4, linewidths=0, alpha=0.45,
+               label=f"{len(pz)} prior samples", zorder=2)
+    sc = ax.scatter(pts[:, 0], pts[:, 1], c=labels.cpu(), cmap="tab10", s=5, linewidths=0,
+                    alpha=0.8, zorder=3)
+    ax.legend(loc="upper right", fontsize=8, markerscale=3)
     fig.colorbar(sc, ax=ax, label="label")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     shaded = " (shaded: holes, log q(z) below threshold)" if d == 2 and threshold else ""
-    ax.set_title((title + "\n" if title else "") + "posterior means by label, prior samples x"
+    ax.set_title((title + "\n" if title else "") + "posterior means by label over prior "
+                 "samples (black)"
                  + shaded, fontsize=9)
     fig.tight_layout()
     return fig
@@ -115,13 +124,28 @@ def log_q_histogram(log_q_prior, log_q_posterior, threshold, hole_rate=None, tit
     return fig
 
 
-def hole_score_figure(best_images, best_scores, worst_images, worst_scores, auc=None, title=""):
+def auc_noise(n_p: int, n_q: int) -> float:
+    """Standard error of a classifier AUC under p = q with ``n_p`` and ``n_q`` held-out points
+    (the Mann-Whitney statistic's null variance: (n_p + n_q + 1) / (12 n_p n_q))."""
+    return ((n_p + n_q + 1) / (12 * n_p * n_q)) ** 0.5
+
+
+def hole_score_figure(best_images, best_scores, worst_images, worst_scores, auc=None, title="",
+                      n_heldout: tuple[int, int] | None = None):
     """Two panels of decoded prior samples (N, C, H, W): the lowest hole scores (the classifier
-    takes them for q(z) samples) and the highest (prior mass that q(z) lacks: holes)."""
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4.2))
+    takes them for q(z) samples) and the highest (prior mass that q(z) lacks: holes).
+
+    With ``n_heldout`` (the classifier's held-out p and q points), an AUC within two standard
+    errors of 0.5 is said on the figure: then the classifier cannot tell p from q and the
+    right panel shows no holes, only the top of a score that carries no signal."""
+    noise = auc_noise(*n_heldout) if n_heldout else None
+    no_signal = auc is not None and noise is not None and auc < 0.5 + 2 * noise
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.6 if no_signal else 4.2))
     nrow = 8
+    worst = ("highest hole scores: NOT holes (no signal)" if no_signal
+             else "highest hole scores: in holes")
     panels = [(best_images, best_scores, "lowest hole scores: like q(z)"),
-              (worst_images, worst_scores, "highest hole scores: in holes")]
+              (worst_images, worst_scores, worst)]
     for ax, (imgs, scores, name) in zip(axes, panels, strict=True):
         ax.imshow(grid_image(imgs, nrow), cmap="gray", vmin=0, vmax=1)
         ax.set_title(f"{name}\nscore {scores.min().item():.2f} to {scores.max().item():.2f}",
@@ -129,7 +153,11 @@ def hole_score_figure(best_images, best_scores, worst_images, worst_scores, auc=
         ax.axis("off")
     what = "prior samples sorted by P(prior | z) of a classifier p(z) vs q(z)"
     if auc is not None:
-        what += f" (held-out AUC {auc:.3f})"
+        what += f" (held-out AUC {auc:.3f}" + (f" ± {noise:.3f} at p = q)" if noise else ")")
     fig.suptitle((title + "\n" if title else "") + what, fontsize=10)
-    fig.tight_layout()
+    if no_signal:
+        fig.text(0.5, 0.02, "AUC within 2 standard errors of 0.5: the classifier cannot tell "
+                 "prior samples from q(z) samples, so neither panel shows holes",
+                 ha="center", fontsize=10, color="#b00000")
+    fig.tight_layout(rect=(0, 0.06 if no_signal else 0, 1, 1))
     return fig

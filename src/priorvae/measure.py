@@ -134,15 +134,22 @@ def _diagnose(model, splits, classifier, n, train_subset, heldout, heldout_label
     agg = AggregatedPosterior(mu_tr, lv_tr)
     metrics: dict = dict(elbo_surgery(mu_tr, lv_tr, model.prior, n_points=n_log_prob))
     metrics["kl_prior_to_agg"] = kl_prior_to_agg(model.prior, agg, n_log_prob)
-    holes = hole_rate(model.prior, agg, mu_te, lv_te, n)
+    # a held-out set smaller than n (the 300 test digits) gives each image n // len(held)
+    # codes, image by image, so the hole threshold and the two-sample tests see n codes and
+    # the classifier's halves split by image; with as many images as n (MNIST) nothing changes
+    draws = max(1, n // len(held))
+    mu_codes, lv_codes = ((mu_te, lv_te) if draws == 1 else
+                          (mu_te.repeat_interleave(draws, 0), lv_te.repeat_interleave(draws, 0)))
+    holes = hole_rate(model.prior, agg, mu_codes, lv_codes, n)
     metrics["hole_rate"] = holes["hole_rate"]
     m = min(n, 2000)
     z_prior, z_agg = model.prior.sample(n), agg.sample(n)
     metrics["mmd"] = mmd(z_prior[:m], z_agg[:m])
     metrics["active_units"] = active_units(mu_te)
     # two-sample measures in latent space: the real side is one code of each held-out image
-    m_two = min(n, len(held))
-    z_held = mu_te[:m_two] + torch.exp(0.5 * lv_te[:m_two]) * torch.randn_like(mu_te[:m_two])
+    m_two = min(n, len(mu_codes))
+    z_held = mu_codes[:m_two] + torch.exp(0.5 * lv_codes[:m_two]) * torch.randn_like(
+        mu_codes[:m_two])
     latent, c2st = two_sample(z_held, z_prior[:m_two], "latent")
     metrics.update(latent)
     extras = {"agg": agg, "mu_heldout": mu_te, "labels": labels, "z_prior": z_prior,
@@ -159,6 +166,7 @@ def _diagnose(model, splits, classifier, n, train_subset, heldout, heldout_label
         extras[f"hole_{key}"] = decode_samples(model, z_prior[c2st["p_index"][idx]])
         extras[f"hole_{key}_scores"] = c2st["hole_score"][idx].cpu()
     extras["latent_c2st_auc"] = c2st["auc"]
+    extras["c2st_heldout"] = (len(c2st["hole_score"]), m_two - m_two // 2)  # (p, q) points
     if classifier is not None:
         f_ref, _ = features(classifier, held[:k])
         f_prior, p_prior = features(classifier, torch.bernoulli(x_prior))

@@ -315,12 +315,13 @@ def _train(cfg: Config, run_dir: Path, progress: bool, env: DistEnv,
                        **{f"train_{k}": v for k, v in stats.items()},
                        **{f"val_{k}": v for k, v in val.items()}, "seconds": state.train_seconds}
                 state.history.append(row)
+                stopping = tc.patience > 0 and state.bad_epochs >= tc.patience
                 if main:
                     _end_of_epoch(run, cfg, writer, model, opt, splits, classifier, device, env,
-                                  state, row)
+                                  state, row, last=stopping or epoch == tc.epochs)
                 epochs.set_postfix(train=f"{stats['loss']:.2f}", val=f"{-val['elbo']:.2f}",
                                    best=f"{-state.best_val:.2f}")
-                if tc.patience > 0 and state.bad_epochs >= tc.patience:
+                if stopping:
                     status = "early_stopped"
                     break
         except TrainingError as exc:
@@ -391,8 +392,10 @@ def _log_diagnostics(writer, model, splits, classifier, epoch, device) -> None:
 
 
 def _end_of_epoch(run: Run, cfg: Config, writer, model, opt, splits, classifier, device, env,
-                  state: TrainState, row: dict) -> None:
-    """Rank 0: the checkpoint, TensorBoard scalars, pictures, diagnostics and metrics.json."""
+                  state: TrainState, row: dict, last: bool = False) -> None:
+    """Rank 0: the checkpoint, TensorBoard scalars, pictures, diagnostics and metrics.json;
+    the pictures and diagnostics every ``image_every`` / ``diagnostics_every`` epochs and at
+    the ``last`` epoch (the final one, or the one early stopping ends on)."""
     tc, epoch = cfg.train, state.epoch
     ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(),
             **dataclasses.asdict(state), "world_size": env.world_size,
@@ -408,14 +411,14 @@ def _end_of_epoch(run: Run, cfg: Config, writer, model, opt, splits, classifier,
         writer.add_scalar(f"val/{k}", row[f"val_{k}"], epoch)
     writer.add_scalar("train/beta", row["beta"], epoch)
     writer.add_scalar("train/lr", row["lr"], epoch)
-    if tc.image_every > 0 and (epoch % tc.image_every == 0 or epoch == tc.epochs):
+    if tc.image_every > 0 and (epoch % tc.image_every == 0 or last):
         # pictures draw from a forked RNG so they never change the training stream
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             xs = splits.x_val[:32]
             recon = torch.cat([xs, model.reconstruct(xs)])
             writer.add_image("images/reconstructions", _image_grid(recon, 8), epoch)
             writer.add_image("images/prior_samples", _image_grid(model.sample(64), 8), epoch)
-    if tc.diagnostics_every > 0 and (epoch % tc.diagnostics_every == 0 or epoch == tc.epochs):
+    if tc.diagnostics_every > 0 and (epoch % tc.diagnostics_every == 0 or last):
         _log_diagnostics(writer, model, splits, classifier, epoch, device)
     run.update_metrics(epochs_trained=epoch, best_epoch=state.best_epoch,
                        best_val_elbo=state.best_val, val_elbo=row["val_elbo"],
