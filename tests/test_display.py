@@ -1,5 +1,8 @@
 """What a person reads: the metric schema, figures' notes, TensorBoard's HParams and Projector."""
 
+import subprocess
+import sys
+
 import matplotlib.pyplot as plt
 import torch
 
@@ -77,3 +80,74 @@ def test_a_small_heldout_set_gives_several_codes_per_image(tmp_path):
     assert len(extras["log_q_posterior"]) == 600 and extras["c2st_heldout"] == (300, 300)
     _, extras = diagnose(model, splits, n=300)
     assert len(extras["log_q_posterior"]) == 300 and extras["c2st_heldout"] == (150, 150)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+LAPLACE = """
+import torch
+from torch import nn
+
+from priorvae.priors import Prior, register_prior
+
+
+@register_prior("laplace")
+class Laplace(Prior):
+    def __init__(self, latent_dim: int, scale: float = 1.0):
+        super().__init__(latent_dim)
+        self.log_scale = nn.Parameter(torch.full((latent_dim,), float(scale)).log())
+
+    def _log_prob(self, z):
+        b = self.log_scale.exp()
+        return (-torch.log(2 * b) - z.abs() / b).sum(-1)
+
+    def _sample(self, n):
+        return torch.distributions.Laplace(0.0, self.log_scale.exp()).sample((n,))
+"""
+
+
+def _train_in_subprocess(cwd, config, runs: dict):
+    """Train each {run folder: prior name} with ``priorvae train`` in one Python process that
+    imported the module first (the README's "register and import")."""
+    calls = "".join(f"main(['train', {str(config)!r}, '--set', 'prior.name={prior}', '--out', "
+                    f"{str(run)!r}, '--quiet'])\n" for run, prior in runs.items())
+    code = (f"import sys; sys.path.insert(0, {str(cwd)!r}); import nc_laplace\n"
+            f"from priorvae.cli import main\n{calls}")
+    subprocess.run([sys.executable, "-c", code], cwd=cwd, check=True, timeout=300,
+                   capture_output=True)
+
+
+def test_messages_say_how_to_reopen_runs_of_custom_priors(tmp_path, capsys, monkeypatch):
+    """The README's "register and import" run, and a module-path run opened from another
+    folder: the messages say why the command line cannot open them and what works (not an
+    opt-in that would not help)."""
+    from priorvae.cli import main
+
+    made = tmp_path / "made"
+    made.mkdir()
+    (made / "nc_laplace.py").write_text(LAPLACE)
+    config = tiny_toml(made / "c.toml", train={"epochs": 1, "diagnostics_every": 0})
+    _train_in_subprocess(made, config, {made / "registered": "laplace",
+                                        made / "module": "nc_laplace:Laplace"})
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+
+    capsys.readouterr()
+    code = main(["sample", str(made / "registered"), "--out", "a.png"])
+    err = _one_line(capsys.readouterr().err)
+    assert code == 2 and "unknown prior 'laplace'" in err
+    assert "registered by a program" in err and "after the same import" in err
+    assert "entry point 'laplace' in group 'priorvae.priors'" in err
+
+    code = main(["sample", str(made / "module"), "--out", "b.png"])
+    err = _one_line(capsys.readouterr().err)
+    assert code == 2 and "module 'nc_laplace' is not found from here" in err
+    assert "PYTHONPATH" in err and "--trust-remote-code" not in err
+    code = main(["sample", str(made / "module"), "--out", "b.png", "--trust-remote-code"])
+    err = _one_line(capsys.readouterr().err)
+    assert code == 2 and "No module named 'nc_laplace'" in err and "PYTHONPATH" in err
+    monkeypatch.syspath_prepend(str(made))  # as PYTHONPATH=made does
+    assert main(["sample", str(made / "module"), "--out", "c.png"]) == 0

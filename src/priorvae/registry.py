@@ -192,7 +192,12 @@ class Registry:
             raise self.error(
                 f"unknown {self.kind} {name!r}. Known {self.kind}s: {', '.join(known)}.{hint} "
                 f"A custom {self.kind} can be given as 'path/to/file.py:ClassName' or "
-                f"'module:ClassName'.")
+                f"'module:ClassName'. If {name!r} was registered by a program (a register "
+                f"decorator in a module it imported), the registration ended with that "
+                f"program and no file, module or plug-in tells priorvae where it is: reopen "
+                f"such runs in Python after the same import, or install the {self.kind} as a "
+                f"plug-in (entry point {name!r} in group {self.group!r}); a new run given it "
+                f"as a file or module path can be reopened from the command line.")
         return self._classes[name]
 
     def spec_arguments(self, cls: type) -> dict[str, str | None]:

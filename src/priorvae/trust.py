@@ -300,6 +300,12 @@ def check_folder_spec(name: str, sha: str | None, source: str | os.PathLike,
     if target in sys.modules:
         return None  # the user's program imported it already: nothing new runs
     files = module_files(target)
+    if not files and "." not in target and importlib.util.find_spec(target) is None:
+        # not importable from here: opting in would not help, so say what would
+        raise PluginError(f"{source} names code {name!r}, but module {target!r} is not found "
+                          f"from here (not on sys.path, not in {Path.cwd()}): run from the "
+                          f"folder it was trained in, or put the folder that holds "
+                          f"{target}.py on PYTHONPATH (PYTHONPATH=/that/folder priorvae ...)")
     if not files:
         raise _refuse(name, f"module {target!r}, which would be imported", source)
     inside = [p for p in files if p.is_relative_to(run_dir)]
@@ -356,7 +362,12 @@ def _import_module(target: str, spec: str, error: type[Exception]):
         try:
             return importlib.import_module(target)
         except ImportError:
-            raise error(f"could not import module {target!r} (from {spec!r}): {exc}") from exc
+            hint = ("; put the folder that holds it on PYTHONPATH (PYTHONPATH=/that/folder "
+                    "priorvae ...) or run from that folder"
+                    if isinstance(exc, ModuleNotFoundError) and exc.name
+                    and target.split(".")[0] == exc.name.split(".")[0] else "")
+            raise error(f"could not import module {target!r} (from {spec!r}): {exc}{hint}"
+                        ) from exc
         finally:
             sys.path.remove(cwd)
     except (Exception, SystemExit) as exc:
