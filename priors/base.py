@@ -144,7 +144,8 @@ class Prior(nn.Module):
         """The scalar ``fit-prior`` minimises on codes z (B, D) of the training images
         ``index`` (B,): the mean negative log-likelihood unless a prior has its own objective
         (the diffusion prior: denoising score matching)."""
-        return -self.log_prob(z, exclude=index).mean()
+        # log_prob(z) when nothing is left out: a prior may override the public log_prob(z)
+        return -(self.log_prob(z) if index is None else self.log_prob(z, exclude=index)).mean()
 
     def log_normalizer_stderr(self) -> float | None:
         """Monte-Carlo standard error (nats) of the log-normaliser estimate that ``log_prob``

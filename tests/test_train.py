@@ -132,7 +132,8 @@ def test_non_finite_loss_stops_cleanly(tmp_path, monkeypatch):
         return terms
 
     monkeypatch.setattr(VAE, "forward", poisoned)
-    with pytest.raises(TrainingError, match=r"epoch 3, step 4.*last good checkpoint"):
+    with pytest.raises(TrainingError, match=r"epoch 3, step 4.*last.pt \(epoch 2, the last epoch "
+                                            r"whose loss and validation ELBO were finite\)"):
         train(cfg, tmp_path / "run", progress=False)
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
     assert ckpt["epoch"] == 2

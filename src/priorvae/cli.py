@@ -7,18 +7,14 @@ import io
 import json
 import math
 import os
-import signal
 import sys
 from pathlib import Path
 
 from .errors import PriorVAEError
+from .stop import Terminated
 
 __all__ = ["main", "default_run_dir", "evaluation_summary", "auto_scale", "sample_canvas",
            "Terminated"]
-
-
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the program is, so that every command cleans up as on Ctrl-C."""
 
 
 def _int_at_least(low: int):
@@ -86,7 +82,8 @@ def _cmd_evaluate(args) -> int:
     results = evaluate_sources(args.run_dir, sources, iw_samples=args.iw_samples,
                                device=args.device, progress=not args.quiet, limit=args.limit,
                                diagnostics=not args.no_diagnostics,
-                               trust_remote_code=args.trust_remote_code)
+                               trust_remote_code=args.trust_remote_code,
+                               allow_expensive=args.allow_expensive)
     keys = ("test_elbo", "test_nll", "iw_samples", "test_images", "eval_seconds",
             *DIAGNOSTIC_KEYS)
     for source, metrics in results.items():
@@ -138,6 +135,7 @@ def _cmd_sample(args) -> int:
     if out.suffix.lower() != ".png" or out.is_dir():
         raise PriorVAEError(f"--out must name a .png file, got {args.out!r}")
     run = Run.open(args.run_dir, args.trust_remote_code)
+    _check_sample_memory(args.n, run)
     with run.lock("sample", exclusive=False):
         torch.manual_seed(args.seed)
         model = run.load_model()
@@ -202,6 +200,36 @@ def sample_canvas(images, nrow: int, scale: int, condition=None):
                                                grid.shape[2])], 1)
         grid = torch.cat([left, grid], 2)
     return grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
+
+
+def _available_memory() -> int:
+    """Bytes of memory available to a new allocation (MemAvailable on Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 2**34
+
+
+def _check_sample_memory(n: int, run) -> None:
+    """Refuse, before any work, a picture of ``n`` samples that would not fit in half of the
+    memory available (decoded images, the grid, the PNG encoder's copy)."""
+    from .data import input_shape
+
+    c, h, w = input_shape(run.config.data.name)
+    per_image = 4 * (2 * c * h * w + 3 * (h + 2) * (w + 2)) + 3 * (h + 2) * (w + 2) \
+        + 8 * run.config.model.latent_dim
+    need, have = n * per_image, _available_memory()
+    if need > have // 2:
+        raise PriorVAEError(f"--n {n}: the picture would need about {need / 2**30:.3g} GiB of "
+                            f"memory and {have / 2**30:.3g} GiB are available here; ask for at "
+                            f"most {max(1, have // 2 // per_image)} samples")
 
 
 def _cmd_compare(args) -> int:
@@ -277,6 +305,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--json", action="store_true",
                    help="print every number as one JSON line per prior source instead of "
                         "the summary")
+    e.add_argument("--allow-expensive", action="store_true",
+                   help="allow more than 2.5e8 decoder evaluations (test images x K)")
     e.add_argument("--trust-remote-code", **trust)
     e.set_defaults(func=_cmd_evaluate)
 
@@ -338,34 +368,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _on_sigterm(signum, frame):
-    raise Terminated()
-
-
 def main(argv: list[str] | None = None) -> int:
+    from .stop import handle_sigterm, stop_requested
+
     args = build_parser().parse_args(argv)
-    previous = None
-    if threading_is_main():  # a handler can only be set from the main thread
-        previous = signal.signal(signal.SIGTERM, _on_sigterm)
-    try:
-        return args.func(args)
-    except PriorVAEError as exc:
-        print(f"priorvae {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except Terminated:
-        print(f"priorvae {args.command}: terminated", file=sys.stderr)
-        return 143
-    except KeyboardInterrupt:
-        return 130
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def threading_is_main() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
+    with handle_sigterm():  # SIGTERM: a flag; the loops stop at their next safe point
+        try:
+            code = args.func(args)
+        except PriorVAEError as exc:
+            print(f"priorvae {args.command}: error: {exc}", file=sys.stderr)
+            return 2
+        except Terminated:
+            code = 143
+        except KeyboardInterrupt:
+            return 130
+        if stop_requested():  # asked to stop: whatever finished is saved, the rest is not
+            print(f"priorvae {args.command}: terminated (SIGTERM)", file=sys.stderr)
+            return 143
+        return code
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ import csv
 import io
 import json
 import math
+import os
 import time
 from collections import Counter
 from dataclasses import replace
@@ -42,7 +43,16 @@ from .config import Config, PriorConfig, load_config, validate
 from .errors import ConfigError, PriorVAEError, RunBusyError, RunError
 from .measure import DIAGNOSTIC_KEYS
 from .priors import PRIORS, pin_prior_spec
-from .runs import AGGREGATE, EXPOST_PREFIX, FINISHED, TRAINED, Run, atomic_write_bytes
+from .runs import (
+    AGGREGATE,
+    EXPOST_PREFIX,
+    FINISHED,
+    TRAINED,
+    Run,
+    atomic_write_bytes,
+    check_inside,
+)
+from .stop import check_stop
 
 __all__ = ["grid", "execution_order", "check_grid", "run_compare", "write_results",
            "RESULT_COLUMNS"]
@@ -352,7 +362,7 @@ def comparison_figure(out: Path, rows: list[dict]) -> Path:
     top = grid_spec[0].subgridspec(lines, per_line)
     for i, label in enumerate(labels):
         row = firsts[label]
-        run = Run.open(out / row["run"])
+        run = Run.open(_cell(out, row["run"]))
         model = run.load_model()
         source = row["prior"].partition("+")[2] or TRAINED
         prior = load_prior_source(run, model, source)
@@ -428,9 +438,14 @@ def _expost_labels(expost_names: list[str]) -> list[str]:
     return [AGGREGATE if e == AGGREGATE else f"{EXPOST_PREFIX}{e}" for e in expost_names]
 
 
+def _cell(out: Path, name: str) -> Path:
+    """A cell's folder inside the experiment folder (never through a symbolic link)."""
+    return check_inside(out, name, kind="dir")
+
+
 def _cell_metrics(run_dir: Path) -> dict:
-    """A cell's metrics.json ({} before its training created the folder)."""
-    return Run.open(run_dir).metrics() if (run_dir / "config.toml").is_file() else {}
+    """A cell's metrics.json ({} before its training wrote config.toml)."""
+    return Run.open(run_dir).metrics() if os.path.lexists(run_dir / "config.toml") else {}
 
 
 def _source_evaluated(metrics: dict, label: str) -> bool:
@@ -476,8 +491,7 @@ def _collect_rows(out: Path, runs: list[tuple[str, Config]], expost_names: list[
     """Table rows (grid order) from every cell's metrics.json, and the unfinished cells."""
     rows, unfinished = [], []
     for name, run_cfg in runs:
-        run_dir = out / name
-        metrics = _cell_metrics(run_dir)
+        metrics = _cell_metrics(_cell(out, name))
         if not _evaluated(metrics):
             unfinished.append(name)
             continue
@@ -526,8 +540,9 @@ def run_compare(config_path: str | Path, overrides: list[str] | None = None,
         hparams = hparam_keys([run_cfg for _, run_cfg in runs])  # what the grid varies
         for i, (name, run_cfg) in enumerate(order, start=1):
             step = f"[{i}/{len(order)}] {name}"
+            check_stop()  # SIGTERM: no new cell (a cell in progress stops at its own point)
             try:
-                _run_cell(out / name, run_cfg, step, expost_names if expost_on is None
+                _run_cell(_cell(out, name), run_cfg, step, expost_names if expost_on is None
                           or run_cfg.prior.name in expost_on else [], progress, hparams)
             except RunBusyError as exc:  # another process works in this cell: leave it to it
                 print(f"{step}: skipped, {exc}", flush=True)

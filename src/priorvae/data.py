@@ -30,6 +30,7 @@ import torch
 
 from .config import DataConfig
 from .errors import DataError
+from .idx import check_idx_pair
 
 __all__ = [
     "Splits",
@@ -121,6 +122,15 @@ def _load_torchvision(name: str, root: Path, download: bool) -> tuple[torch.Tens
     cls = {"mnist": torchvision.datasets.MNIST,
            "fashion_mnist": torchvision.datasets.FashionMNIST}[name]
     folder = root / cls.__name__ / "raw"
+    shape, classes = DATASETS[name][0][1:], DATASETS[name][1]
+    for prefix in ("train", "t10k"):  # files that are there are checked, not misread
+        images, labels = (folder / f"{prefix}-{kind}-idx{dim}-ubyte"
+                          for kind, dim in (("images", 3), ("labels", 1)))
+        if images.is_file() and labels.is_file():
+            n = check_idx_pair(images, labels, shape, classes)
+            if prefix == "train" and n <= 10_000:
+                raise DataError(f"{images} holds {n} images; the training split needs more "
+                                f"than the 10,000 validation images")
     try:
         train = cls(str(root), train=True, download=download)
         test = cls(str(root), train=False, download=download)

@@ -22,9 +22,15 @@ from .errors import RunError
 from .measure import diagnose, mean_elbo, mean_iwae_nlls
 from .metrics_schema import SUMMARY_KEYS
 from .quality import classifier_cache_dir, classifier_digest, get_classifier
-from .runs import FINISHED, TRAINED, Run, resolve_device
+from .runs import EVALUATION_KEYS, FINISHED, TRAINED, Run, file_sha256, resolve_device
+from .sanity import absurd, non_finite, warn
 
-__all__ = ["write_figures", "evaluate_run", "evaluate_sources", "hparam_keys", "projector_points"]
+__all__ = ["write_figures", "evaluate_run", "evaluate_sources", "hparam_keys", "projector_points",
+           "MAX_IWAE_DECODES"]
+
+# the most decoder evaluations (test images x K) an evaluation may cost unless the caller
+# allows more: 5 times the full MNIST evaluation (10,000 images x K = 5,000)
+MAX_IWAE_DECODES = 250_000_000
 
 
 def write_figures(extras: dict, prior, run: Run, folder: str, title: str = "", writer=None,
@@ -95,7 +101,8 @@ def _hparams(cfg, keys) -> dict:
 def evaluate_run(run_dir: str | Path, iw_samples: int | None = None, device: str | None = None,
                  progress: bool = True, limit: int | None = None, diagnostics: bool = True,
                  n_diagnostic: int = 10_000, prior_source: str = TRAINED,
-                 trust_remote_code: bool = False, hparam_keys: list[str] | None = None) -> dict:
+                 trust_remote_code: bool = False, hparam_keys: list[str] | None = None,
+                 allow_expensive: bool = False) -> dict:
     """Evaluate the best model of a run on its test split; merge the results into metrics.json,
     save the pictures under ``RUN_DIR/figures`` and log them to the run's TensorBoard.
 
@@ -114,19 +121,25 @@ def evaluate_run(run_dir: str | Path, iw_samples: int | None = None, device: str
         hparam_keys: the config keys TensorBoard's HParams shows for this run (default
             prior.name, model.latent_dim, train.seed; ``compare`` passes what its grid
             varies, :func:`hparam_keys`).
+        allow_expensive: allow more than :data:`MAX_IWAE_DECODES` decoder evaluations
+            (test images x K), which is refused otherwise before any work.
+
+    A non-finite test ELBO or NLL stops with one line (nothing is written); a non-finite
+    diagnostic is written as null and named under ``non_finite``, with a warning.
 
     Returns the run's metrics (``trained``) or the source's results.
     """
     return evaluate_sources(run_dir, [prior_source], iw_samples, device, progress, limit,
                             diagnostics, n_diagnostic, trust_remote_code,
-                            hparam_keys)[prior_source]
+                            hparam_keys, allow_expensive)[prior_source]
 
 
 def evaluate_sources(run_dir: str | Path, prior_sources: list[str] | tuple[str, ...] = (TRAINED,),
                      iw_samples: int | None = None, device: str | None = None,
                      progress: bool = True, limit: int | None = None, diagnostics: bool = True,
                      n_diagnostic: int = 10_000, trust_remote_code: bool = False,
-                     hparam_keys: list[str] | None = None) -> dict[str, dict]:
+                     hparam_keys: list[str] | None = None,
+                     allow_expensive: bool = False) -> dict[str, dict]:
     """:func:`evaluate_run` for several prior sources of one run under one lock, with one
     decoder pass for the test NLL of all sources evaluated at the same K on the same images.
 
@@ -154,6 +167,8 @@ def evaluate_sources(run_dir: str | Path, prior_sources: list[str] | tuple[str, 
             raise RunError(f"{run.path} has not been trained (status {status!r}); train it first")
         dev = resolve_device(device or cfg.train.device)
         best = run.load_checkpoint("best", dev)
+        # every result names the checkpoint it came from (sha256 of best.pt's bytes)
+        best["_sha256"] = file_sha256(run.checkpoint_path("best"))
         model = run.load_model("best", dev, best)
         splits = load_splits(cfg.data, device=dev)
         trained_prior = model.prior
@@ -170,6 +185,14 @@ def evaluate_sources(run_dir: str | Path, prior_sources: list[str] | tuple[str, 
                 plan["prior"], label, iw_samples or cfg.eval.iw_samples, iw_samples, limit,
                 len(splits.x_test), n_diagnostic)
             plans.setdefault((k, lim), []).append(plan)
+        n_test = len(splits.x_test)
+        cost = sum(k * min(lim or n_test, n_test) for k, lim in plans)
+        if cost > MAX_IWAE_DECODES and not allow_expensive:
+            raise RunError(f"K = {max(k for k, _ in plans)} importance samples on "
+                           f"{min(lim or n_test for _, lim in plans)} test images is {cost:.3g} "
+                           f"decoder evaluations, more than the {MAX_IWAE_DECODES:.3g} this "
+                           f"command allows without --allow-expensive (hours to days); pass a "
+                           f"smaller --iw-samples or --limit")
         # one classifier for every source's fd_* and feature_* (loaded or trained once; it
         # draws from its own generator, so the sources' random states are untouched)
         classifier = (get_classifier(splits, classifier_cache_dir(), progress=progress)
@@ -226,7 +249,14 @@ def _evaluate_group(run: Run, model, splits, best: dict, group: list[dict], x: t
         elbo = elbos[label]
         results = {"test_elbo": elbo["elbo"], "test_recon": elbo["recon"], "test_kl": elbo["kl"],
                    "test_nll": nll, "iw_samples": k, "test_images": len(x),
-                   "evaluated_epoch": best.get("epoch"), "evaluation_fallback": plan["fallback"]}
+                   "evaluated_epoch": best.get("epoch") if type(best.get("epoch")) is int
+                   else None, "evaluated_checkpoint": best["_sha256"],
+                   "evaluation_fallback": plan["fallback"]}
+        bad = non_finite(results)
+        if bad:  # the model's own numbers: refused, nothing of this source is written
+            raise RunError(f"prior source {label!r}: non-finite {bad[0]} ({results[bad[0]]}) "
+                           f"on the test images; the model or prior diverged, nothing was "
+                           f"written")
         # the sources whose test NLL came from the same decoder pass (None: alone)
         results["test_nll_shared_with"] = [p["label"] for p in group if p is not plan] or None
         if plan["fit_seconds"] is not None:  # an ex-post source: what fitting it cost
@@ -244,13 +274,22 @@ def _evaluate_group(run: Run, model, splits, best: dict, group: list[dict], x: t
             _figures_and_tensorboard(run, model, splits, extras, results, label, hparam_keys)
         # this source's own work plus the whole shared pass: what it costs evaluated alone
         results["eval_seconds"] = seconds[label] + shared + time.perf_counter() - t0
+        for line in absurd({k: results[k] for k in ("test_elbo", "test_nll")},
+                           x[0].numel()):
+            warn("evaluate", f"prior source {label!r}: {line} nats per image is absurd for "
+                 f"these images; the model probably diverged")
+        for key in non_finite(results):
+            warn("evaluate", f"prior source {label!r}: diagnostic {key} is {results[key]}; "
+                 f"written as null (named under non_finite in metrics.json)")
+        # results of another checkpoint are dropped whole: none outlives its model
         if label == TRAINED:
-            out[label] = run.update_metrics(**results)
+            same = run.metrics().get("evaluated_checkpoint") == best["_sha256"]
+            out[label] = run.update_metrics(drop=() if same else EVALUATION_KEYS, **results)
         else:
             saved = run.metrics().get("prior_sources", {})
+            saved = saved if isinstance(saved, dict) else {}
             saved[label] = results
-            run.update_metrics(prior_sources=saved)
-            out[label] = results
+            out[label] = run.update_metrics(prior_sources=saved)["prior_sources"][label]
 
 
 LIMIT_KEYS = ("iw_samples", "test_images", "log_prob_points")
@@ -289,15 +328,14 @@ def _fallback(prior, source: str, k: int, iw_samples, limit, n_test: int, n_diag
 
 def _figures_and_tensorboard(run: Run, model, splits, extras, results, prior_source,
                              hparam_keys=None) -> None:
-    from torch.utils.tensorboard import SummaryWriter
-
     cfg = run.config
     step = run.metrics().get("epochs_trained", 0)
+    step = step if type(step) is int and 0 <= step < 10**6 else 0  # metrics.json is data
     trained = prior_source == TRAINED
     title = f"{cfg.prior.name.rpartition(':')[2]} ({cfg.data.name})"
     if not trained:
         title = f"{title}, prior: {prior_source}"
-    with SummaryWriter(log_dir=str(run.path)) as writer:
+    with run.tensorboard() as writer:
         write_figures(extras, model.prior, run, "figures" if trained else f"figures/{prior_source}",
                       title, writer if trained else None, step)
         if trained:
@@ -306,9 +344,9 @@ def _figures_and_tensorboard(run: Run, model, splits, extras, results, prior_sou
             # evaluating again rewrites the same step's files: TensorBoard's warning about an
             # existing folder is expected then and says nothing wrong
             with contextlib.redirect_stdout(io.StringIO()):
-                writer.add_embedding(points, metadata=splits.y_test[:n_emb].cpu().tolist(),
-                                     label_img=splits.x_test[:n_emb].cpu(), global_step=step,
-                                     tag=tag)
+                run.add_embedding(writer, points, tag=tag, step=step,
+                                  metadata=splits.y_test[:n_emb].cpu().tolist(),
+                                  label_img=splits.x_test[:n_emb].cpu())
             writer.add_hparams(_hparams(cfg, hparam_keys or DEFAULT_HPARAM_KEYS),
                                {f"hparams/{key}": results[key] for key in SUMMARY_KEYS
                                 if results.get(key) is not None},

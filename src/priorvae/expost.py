@@ -43,14 +43,17 @@ from .priors import PRIORS, Prior, PriorContext, build_prior, get_prior_class
 from .runs import (
     AGGREGATE,
     EXPOST_PREFIX,
+    PRIORS_DIR,
     TRAINED,
     Run,
     atomic_write_bytes,
     load_checkpoint,
     load_weights,
+    read_regular,
     resolve_device,
     save_checkpoint,
 )
+from .stop import check_stop
 from .trust import reading_folder
 
 __all__ = ["fit_prior", "em_fit_mog", "fit_record", "load_prior_source", "prior_sources"]
@@ -121,6 +124,8 @@ def em_fit_mog(prior, mu: torch.Tensor, logvar: torch.Tensor, z_val: torch.Tenso
             bad += 1
             if bad >= patience:
                 break
+    if best_params is None:
+        raise PriorError("no EM iteration gave a finite validation likelihood; nothing was saved")
     for t, v in zip((prior.means, prior.logvars, prior.logits), best_params, strict=True):
         t.copy_(v)
     return history
@@ -197,15 +202,18 @@ def fit_prior(run_dir: str | Path, name: str, kwargs: dict[str, Any] | None = No
         mu_tr, lv_tr = encode_split(model.encoder, splits.x_train)
         mu_va, lv_va = encode_split(model.encoder, splits.x_val)
         z_val = _draw(mu_va, lv_va, torch.Generator(device=dev).manual_seed(seed + 1))
-        from torch.utils.tensorboard import SummaryWriter
-
         spec_path, weights_path = run.prior_source_files(label)
         t0 = time.perf_counter()
-        with SummaryWriter(log_dir=str(spec_path.parent / label)) as writer, \
+        with run.tensorboard(f"{PRIORS_DIR}/{label}") as writer, \
                 tqdm(total=epochs, desc=f"fit {label} ({method})", disable=not progress,
                      dynamic_ncols=True) as bar:
 
             def log(step, train_loss, val_loss):
+                if not math.isfinite(val_loss):  # every epoch is checked: a diverged fit stops
+                    raise PriorError(f"non-finite validation loss ({val_loss}) while fitting "
+                                     f"{label}, epoch {step}; nothing was saved. Try a lower "
+                                     f"--lr or other --set arguments")
+                check_stop()  # SIGTERM: stop between epochs; nothing of this fit is saved
                 if train_loss is not None:
                     writer.add_scalar("fit/train_loss", train_loss, step)
                 writer.add_scalar("fit/val_loss", val_loss, step)
@@ -219,6 +227,9 @@ def fit_prior(run_dir: str | Path, name: str, kwargs: dict[str, Any] | None = No
                 history = _gradient_fit(prior, params, mu_tr, lv_tr, z_val, epochs, batch_size,
                                         lr, patience, log)
         val_loss = _val_loss(prior, z_val)
+        if not math.isfinite(val_loss):
+            raise PriorError(f"the fitted {label} has a non-finite validation loss "
+                             f"({val_loss}); nothing was saved")
         scores = {"val_loss": val_loss}
         if _likelihood_objective(prior):
             scores["val_nll"] = val_loss
@@ -256,7 +267,8 @@ def _gradient_fit(prior, params, mu, logvar, z_val, epochs, batch_size, lr, pati
             # leaves each code's own image out
             loss = prior.fit_loss(z[idx], idx if prior.needs_data else None)
             if not torch.isfinite(loss):
-                raise PriorError(f"non-finite loss while fitting, epoch {epoch}; try a lower lr")
+                raise PriorError(f"non-finite loss while fitting, epoch {epoch}; nothing was "
+                                 f"saved. Try a lower --lr")
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -273,6 +285,8 @@ def _gradient_fit(prior, params, mu, logvar, z_val, epochs, batch_size, lr, pati
             bad += 1
             if bad >= patience:
                 break
+    if best_state is None:  # never reached: every epoch's loss is checked above
+        raise PriorError("no epoch of the fit improved on the start; nothing was saved")
     prior.load_state_dict(best_state)
     prior.eval()
     return history
@@ -310,8 +324,8 @@ def fit_record(run: Run, source: str) -> dict[str, Any]:
             not spec_path.is_file():
         return {}
     try:
-        fit = tomllib.loads(spec_path.read_text()).get("fit", {})
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        fit = tomllib.loads(read_regular(spec_path).decode()).get("fit", {})
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, RecursionError):
         return {}
     return fit if isinstance(fit, dict) else {}
 
@@ -335,10 +349,11 @@ def load_prior_source(run: Run, model, source: str = TRAINED, splits=None):
         raise RunError(f"no prior source {source!r} in {run.path}{old}; available: "
                        f"{', '.join(prior_sources(run))} (fit one with priorvae fit-prior)")
     try:
-        spec = tomllib.loads(spec_path.read_text())
+        spec = tomllib.loads(read_regular(spec_path).decode())
         name, kwargs = spec["prior"]["name"], dict(spec.get("kwargs", {}))
         sha = spec["prior"].get("file_sha256")
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError) as exc:
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError,
+            ValueError, RecursionError) as exc:
         raise RunError(f"{spec_path} is damaged ({type(exc).__name__}); fit the prior again") \
             from None
     shape = input_shape(run.config.data.name)

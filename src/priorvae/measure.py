@@ -25,6 +25,7 @@ from .aggregate import AggregatedPosterior, encode_split
 from .data import Splits, iterate_batches
 from .diagnostics import active_units, elbo_surgery, hole_rate, kl_prior_to_agg, mmd
 from .quality import class_entropy, features, frechet_distance
+from .stop import check_stop
 from .twosample import classifier_two_sample, knn_two_sample
 from .vae import VAE
 
@@ -56,6 +57,7 @@ def mean_elbo(model: VAE, x: torch.Tensor, batch_size: int = 1000) -> dict[str, 
     sums = {"elbo": 0.0, "recon": 0.0, "kl": 0.0}
     with model.prior.frozen():  # work that depends on the prior's parameters alone: once
         for batch in iterate_batches(x, batch_size, shuffle=False, dynamic_binarization=False):
+            check_stop()  # SIGTERM: stop between batches
             terms = model(batch)
             for k in sums:
                 sums[k] += terms[k].sum().item()
@@ -84,6 +86,7 @@ def mean_iwae_nlls(model: VAE, x: torch.Tensor, k: int, priors: list, batch_size
         for prior in priors:  # the VampPrior encodes its pseudo-inputs once, not per batch
             stack.enter_context(prior.frozen())
         for batch in batches:
+            check_stop()  # SIGTERM: stop between batches
             for s, row in enumerate(model.iwae_priors(batch, k, priors)):
                 totals[s] += -row.sum().item()
     return [total / len(x) for total in totals]

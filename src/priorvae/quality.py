@@ -24,6 +24,8 @@ from einops import rearrange
 from torch import nn
 
 from .data import Splits, iterate_batches
+from .errors import DataError, RunError
+from .stop import check_stop
 
 __all__ = ["Classifier", "get_classifier", "classifier_cache_dir", "classifier_digest",
            "frechet_distance", "class_entropy", "features"]
@@ -57,6 +59,7 @@ def _train_classifier(splits: Splits, epochs: int, seed: int = 0) -> tuple[Class
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     n = len(splits.x_train)
     for _ in range(epochs):
+        check_stop()  # SIGTERM: stop between epochs (nothing is cached)
         order = torch.randperm(n, device=splits.x_train.device, generator=gen)
         for start in range(0, n, 128):
             idx = order[start:start + 128]
@@ -82,11 +85,20 @@ def get_classifier(splits: Splits, cache_dir: str | Path | None, epochs: int | N
     """The data set's classifier, trained once and cached in ``cache_dir`` (None: no cache)."""
     path = Path(cache_dir) / f"{splits.name}.pt" if cache_dir else None
     device = splits.x_train.device
-    if path is not None and path.is_file():
-        state = torch.load(path, map_location=device, weights_only=True)
-        with torch.random.fork_rng(devices=[]):  # building draws weights: keep the caller's RNG
-            model = Classifier(splits.input_shape).to(device)
-        model.load_state_dict(state["model"])
+    if path is not None and os.path.lexists(path):
+        from .runs import load_checkpoint, load_weights
+
+        damaged = "; delete it and it is trained again on the next evaluation"
+        try:
+            state = load_checkpoint(path, map_location=device)
+            with torch.random.fork_rng(devices=[]):  # building draws weights: keep the RNG
+                model = Classifier(splits.input_shape).to(device)
+            if not isinstance(state.get("model"), dict):
+                raise RunError(f"{path} is not a classifier (no model weights)")
+            load_weights(model, state["model"], path)
+        except RunError as exc:
+            raise DataError(f"the cached sample-quality classifier is unusable: {exc}"
+                            f"{damaged}") from None
         return model.eval()
     epochs = epochs or (40 if len(splits.x_train) < 5000 else 5)
     if progress:

@@ -9,8 +9,9 @@ A run folder holds::
     figures/           pictures written by evaluate
     priors/LABEL.toml  an ex-post prior's name and arguments (fit-prior) ...
     priors/LABEL.pt    ... and its weights
-    .lock              held (flock) by the process that writes in the folder
-    events.out.tfevents.*   TensorBoard
+    .lock              held (flock) by the process that works in the folder; never written
+    .lock.info         who holds it ("priorvae train (pid 123, since ...)"), while held
+    events.out.tfevents.*   TensorBoard (and the projector's NNNNN/ and projector_config.pbtxt)
 
 A run folder is data, never code. The model is built from ``config.toml`` alone; checkpoints
 are read with ``weights_only=True`` and no checkpoint field ever picks code. Every class that
@@ -23,23 +24,34 @@ opts in: ``trust_remote_code=True`` (``--trust-remote-code``, or
 
 Every file is written atomically (temporary file in the same folder, then rename), and write
 errors (read-only folder, full disk) become one-line :class:`RunError` messages.
+
+Nothing priorvae reads or writes in a run folder may lead outside it: :class:`Run` gives out
+every path (:meth:`Run.file`), refuses a folder that holds a symbolic link or anything but
+folders and regular files (a FIFO, a device) with one line naming the entry, and opens files
+with ``O_NOFOLLOW``. The lock file is opened read-only and never written or truncated.
+metrics.json is always valid JSON: a non-finite number never reaches it (see
+:meth:`Run.update_metrics`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import errno
 import json
+import math
 import os
 import shutil
+import stat
 import tempfile
+import threading
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .config import Config, dump_toml, load_config, resolve_plugins
-from .errors import ConfigError, PluginError, RunBusyError, RunError
+from .errors import ConfigError, PluginError, PriorVAEError, RunBusyError, RunError
 from .trust import TRUST_ENV, check_folder_spec, file_sha256, reading_folder, trust_from_env
 
 try:
@@ -48,7 +60,8 @@ except ImportError:  # pragma: no cover - not POSIX: no locking
     fcntl = None
 
 __all__ = [
-    "CONFIG_FILE", "METRICS_FILE", "LAST_CKPT", "BEST_CKPT", "LOCK_FILE", "PRIORS_DIR",
+    "CONFIG_FILE", "METRICS_FILE", "LAST_CKPT", "BEST_CKPT", "LOCK_FILE", "LOCK_INFO",
+    "PRIORS_DIR", "EVALUATION_KEYS", "open_regular", "read_regular", "check_inside",
     "TRAINED", "AGGREGATE", "EXPOST_PREFIX", "FINISHED", "TRUST_ENV",
     "Run", "atomic_write_bytes", "save_checkpoint", "load_checkpoint", "resolve_device",
     "load_run", "load_weights", "run_config_dict", "config_diff", "file_sha256",
@@ -60,6 +73,7 @@ METRICS_FILE = "metrics.json"
 LAST_CKPT = "last.pt"
 BEST_CKPT = "best.pt"
 LOCK_FILE = ".lock"
+LOCK_INFO = ".lock.info"
 PRIORS_DIR = "priors"
 CHECKPOINTS = {"best": BEST_CKPT, "last": LAST_CKPT}
 # the prior-source vocabulary: the run's own prior, q(z) itself, and fitted ex-post priors
@@ -68,6 +82,107 @@ FINISHED = ("finished", "early_stopped")
 MIN_FREE_BYTES = 32 * 2**20  # refuse to start writing a run with less free disk than this
 # keys that may differ between a checkpoint's recorded config and config.toml
 _RUNTIME_KEYS = (("train", "device"), ("train", "compile"))
+# what an evaluation writes into metrics.json: dropped whole when a new evaluation is of another
+# best.pt (or training changes it), so no result outlives the checkpoint it came from
+EVALUATION_KEYS = ("test_elbo", "test_recon", "test_kl", "test_nll", "iw_samples", "test_images",
+                   "evaluated_epoch", "evaluated_checkpoint", "evaluation_fallback",
+                   "test_nll_shared_with",
+                   "fit_seconds", "log_normalizer_stderr", "diagnostic_points",
+                   "log_prob_points", "quality_classifier", "eval_seconds", "hole_rate",
+                   "kl", "mutual_info", "marginal_kl", "kl_prior_to_agg", "mmd", "active_units",
+                   "fd_prior", "fd_aggregate", "class_entropy_prior", "class_entropy_aggregate",
+                   *(f"{space}_{k}" for space in ("latent", "feature") for k in (
+                       "precision", "recall", "density", "coverage", "c2st_auc", "c2st_acc")),
+                   "non_finite")
+_KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a device",
+          stat.S_IFBLK: "a device", stat.S_IFLNK: "a symbolic link"}
+
+
+def _link_error(path: Path, what: str = "a symbolic link") -> RunError:
+    target = ""
+    if what == "a symbolic link":
+        with contextlib.suppress(OSError):
+            target = f" (to {os.readlink(path)})"
+    return RunError(f"{path} is {what}{target}; a run folder holds only folders and regular "
+                    f"files, and priorvae follows no link in it (it could lead outside the "
+                    f"folder): remove it")
+
+
+def check_inside(root: Path, relative: str | os.PathLike, kind: str = "file") -> Path:
+    """``root / relative`` after checking every component below ``root``: none is a symbolic
+    link, those above the last are folders, and the last (when it exists) is a regular file
+    (``kind="file"``) or a folder (``kind="dir"``). ``relative`` may not climb out (``..``)
+    or be absolute. Raises :class:`RunError` naming the offending entry."""
+    rel = Path(relative)
+    if rel.is_absolute() or ".." in rel.parts:
+        raise RunError(f"{relative!s} is not a path inside {root}")
+    path = Path(root)
+    for i, part in enumerate(rel.parts):
+        path = path / part
+        try:
+            mode = os.lstat(path).st_mode
+        except FileNotFoundError:
+            break  # the rest does not exist yet: it is created inside
+        except OSError as exc:
+            raise RunError(f"cannot read {path}: {exc.strerror}") from None
+        last = i == len(rel.parts) - 1
+        want_dir = not last or kind == "dir"
+        if stat.S_ISLNK(mode):
+            raise _link_error(path)
+        if want_dir and not stat.S_ISDIR(mode):
+            raise RunError(f"{path} should be a folder, but it is "
+                           f"{_KINDS.get(stat.S_IFMT(mode), 'a file')}; remove it")
+        if not want_dir and not stat.S_ISREG(mode):
+            raise _link_error(path, _KINDS.get(stat.S_IFMT(mode), "a folder"))
+    return Path(root) / rel
+
+
+def open_regular(path: str | os.PathLike):
+    """A regular file opened for reading with ``O_NOFOLLOW``: a symbolic link, a FIFO or a
+    device is refused with one line (:class:`RunError`), never followed or blocked on."""
+    path = Path(path)
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) \
+        | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise _link_error(path) from None
+        if exc.errno == errno.ENOENT:
+            raise RunError(f"{path} not found") from None
+        raise RunError(f"cannot read {path}: {exc.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        raise _link_error(path, _KINDS.get(stat.S_IFMT(mode), "a folder"))
+    return os.fdopen(fd, "rb")
+
+
+def read_regular(path: str | os.PathLike, limit: int | None = None) -> bytes:
+    """The bytes (at most ``limit``) of a regular file, opened as :func:`open_regular` does."""
+    with open_regular(path) as f:
+        try:
+            return f.read() if limit is None else f.read(limit)
+        except OSError as exc:
+            raise RunError(f"cannot read {path}: {exc.strerror}") from None
+
+
+def _finite_or_none(value: Any, key: str, bad: dict) -> Any:
+    """``value`` with every non-finite float replaced by None (its key and text in ``bad``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        bad[key] = str(value)  # 'nan', 'inf', '-inf'
+        return None
+    if isinstance(value, dict):
+        return {k: _finite_or_none(v, f"{key}.{k}" if key else str(k), bad)
+                for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite_or_none(v, f"{key}[{i}]", bad) for i, v in enumerate(value)]
+    return value
+
+
+def _constant_as_null(name: str) -> None:
+    """NaN / Infinity, which older versions wrote into metrics.json (not JSON): read as null."""
+    return None
 
 
 def _write_error(path: Path, exc: OSError) -> RunError:
@@ -75,7 +190,7 @@ def _write_error(path: Path, exc: OSError) -> RunError:
     return RunError(f"could not write {path}: {exc.strerror or exc}")
 
 
-def _atomic(path: Path, write) -> None:
+def _atomic(path: Path, write, fsync: bool = True) -> None:
     """Write through ``write(file)`` to a temporary file beside ``path``, then rename it over
     ``path``: readers see the old or the new file, never a torn one."""
     tmp = None
@@ -85,7 +200,8 @@ def _atomic(path: Path, write) -> None:
         with os.fdopen(fd, "wb") as f:
             write(f)
             f.flush()
-            os.fsync(f.fileno())
+            if fsync:
+                os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes it private; a run folder is shared
@@ -110,10 +226,13 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict[str, Any]:
     """A checkpoint's contents, read with ``weights_only=True`` (tensors and plain data only:
     a file that holds anything else is refused, never unpickled)."""
     path = Path(path)
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise RunError(f"checkpoint not found: {path}")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
+        with open_regular(path) as f:
+            ckpt = torch.load(f, map_location=map_location, weights_only=True)
+    except RunError:
+        raise
     except OSError as exc:
         raise RunError(f"could not read checkpoint {path}: {exc.strerror or exc}") from None
     except Exception as exc:
@@ -128,14 +247,24 @@ def load_checkpoint(path: Path, map_location="cpu") -> dict[str, Any]:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The device called ``name`` ("auto": CUDA if available, else the CPU), checked to be
+    usable here: an unknown or absent device is one line, not a damaged-checkpoint error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError as exc:
-        raise RunError(f"device {name!r}: {exc}") from None
+    except (RuntimeError, TypeError) as exc:
+        raise RunError(f"device {name!r}: {str(exc).splitlines()[0]}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RunError(f"device {name!r} but CUDA is not available here; use 'auto' or 'cpu'")
+    if device.type == "meta":
+        raise RunError("device 'meta' holds no numbers; use 'auto', 'cpu' or 'cuda'")
+    try:
+        torch.empty(1, device=device)
+    except Exception as exc:  # mps on Linux, a missing backend module, a wrong index...
+        text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise RunError(f"device {name!r} is not available on this machine ({text[:120]}); "
+                       f"use 'auto' or 'cpu'") from None
     return device
 
 
@@ -178,8 +307,8 @@ def check_prior_code(name: str, sha: str | None, source: Path, run_dir: Path,
 
 class Run:
     """The owner of one run folder: its config, checkpoints, metrics, figures, prior sources
-    and lock. Open an existing folder with :meth:`open`; ``train`` makes new ones with
-    :meth:`create`.
+    and lock, and the one giver of paths inside it (:meth:`file`). Open an existing folder
+    with :meth:`open`; ``train`` makes new ones with :meth:`create`.
     """
 
     def __init__(self, path: Path, config: Config, trust_remote_code: bool = False):
@@ -187,6 +316,26 @@ class Run:
         self.config = config
         self.trust_remote_code = trust_remote_code
         self._lock_fd: int | None = None
+
+    # -- paths -----------------------------------------------------------------------------
+    def file(self, relative: str | os.PathLike, kind: str = "file") -> Path:
+        """The path of ``relative`` inside the folder, checked (:func:`check_inside`): no
+        component is a symbolic link, the last is a regular file (or a folder, ``kind="dir"``)
+        where it exists. Every path priorvae reads or writes in a run comes from here."""
+        return check_inside(self.path, relative, kind)
+
+    def check_tree(self) -> None:
+        """Refuse a folder that holds, anywhere below it, a symbolic link or anything but
+        folders and regular files (one line naming the first such entry)."""
+        for top, dirs, files in os.walk(self.path, followlinks=False):
+            for name in sorted(dirs) + sorted(files):
+                path = Path(top) / name
+                try:
+                    mode = os.lstat(path).st_mode
+                except OSError:
+                    continue  # removed meanwhile
+                if not (stat.S_ISDIR(mode) or stat.S_ISREG(mode)):
+                    raise _link_error(path, _KINDS.get(stat.S_IFMT(mode), "not a regular file"))
 
     # -- opening ---------------------------------------------------------------------------
     @classmethod
@@ -196,48 +345,64 @@ class Run:
         if not path.is_dir():
             raise RunError(f"{path} is not a run folder (" + (
                 "it is a file)" if path.exists() else "it does not exist)"))
-        if not (path / CONFIG_FILE).is_file():
+        run = cls(path, None, False)  # type: ignore[arg-type]
+        run.check_tree()
+        if not os.path.lexists(run.file(CONFIG_FILE)):
             raise RunError(f"{path} is not a priorvae run folder (no {CONFIG_FILE})")
-        try:
-            cfg = load_config(path / CONFIG_FILE)
-        except ConfigError as exc:
-            raise RunError(f"{path / CONFIG_FILE}: {exc}") from None
+        cfg = run._read_config()
         trust = trust_remote_code or trust_from_env()
         check_config_code(cfg, path / CONFIG_FILE, path, trust)
-        run = cls(path, cfg, trust)
+        run.config, run.trust_remote_code = cfg, trust
         run.metrics()  # a damaged metrics.json is named now, not after an evaluation
         return run
+
+    def _read_config(self) -> Config:
+        path = self.file(CONFIG_FILE)
+        read_regular(path, 0)  # a link, a FIFO...: refused before load_config opens it
+        try:
+            return load_config(path)
+        except ConfigError as exc:
+            raise RunError(f"{path}: {exc}") from None
+        except RecursionError:
+            raise RunError(f"{path} is nested too deeply to be a priorvae config (a crafted "
+                           f"file?)") from None
 
     @classmethod
     def create(cls, path: str | os.PathLike, cfg: Config) -> Run:
         """The folder for training ``cfg``: a new one, or one that holds this configuration's
-        run. Call :meth:`adopt_config` once the lock is held."""
+        run. Call :meth:`adopt_config` once the lock is held (an empty folder is checked
+        then: another process may be writing its config.toml now)."""
         path = Path(path)
         if path.exists() and not path.is_dir():
             raise RunError(f"--out {path} is a file, not a folder; choose another --out")
-        if (path / CONFIG_FILE).is_file():
+        if path.is_dir() and os.path.lexists(path / CONFIG_FILE):
             run = cls.open(path, trust_remote_code=True)  # compared with the user's config next
         else:
-            if path.is_dir() and any(p.name != LOCK_FILE for p in path.iterdir()):
-                raise RunError(f"{path} exists, is not empty and holds no {CONFIG_FILE}; "
-                               f"choose another --out")
             try:
                 path.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
                 raise _write_error(path, exc) from None
             run = cls(path, cfg, True)
+            run.check_tree()
         run._check_same_config(cfg)
         return run
 
     def adopt_config(self, cfg: Config) -> None:
         """Under the lock: write config.toml for a new run, or check that the run's is ``cfg``
         (another process may have written it meanwhile)."""
-        if (self.path / CONFIG_FILE).is_file():
-            self.config = load_config(self.path / CONFIG_FILE)
+        if os.path.lexists(self.file(CONFIG_FILE)):
+            self.config = self._read_config()
             self._check_same_config(cfg)
-        else:
-            atomic_write_bytes(self.path / CONFIG_FILE, dump_toml(run_config_dict(cfg)).encode())
-            self.config = cfg
+            return
+        # the folder must be empty but for the lock (and a temporary file that a killed
+        # process left while writing config.toml)
+        others = [p.name for p in self.path.iterdir() if p.name not in (LOCK_FILE, LOCK_INFO)
+                  and not (p.name.startswith(f".{CONFIG_FILE}.") and p.name.endswith(".tmp"))]
+        if others:
+            raise RunError(f"{self.path} exists, is not empty and holds no {CONFIG_FILE}; "
+                           f"choose another --out")
+        atomic_write_bytes(self.file(CONFIG_FILE), dump_toml(run_config_dict(cfg)).encode())
+        self.config = cfg
 
     def _check_same_config(self, cfg: Config) -> None:
         diff = config_diff(run_config_dict(self.config), run_config_dict(cfg))
@@ -246,6 +411,29 @@ class Run:
                            + "; ".join(diff) + ". Refusing to overwrite it; choose another --out")
 
     # -- the lock --------------------------------------------------------------------------
+    def _open_lock(self, create: bool) -> int:
+        """The lock file, read-only (it is never written: a lock file planted as a hard link
+        to a file elsewhere loses nothing), never through a link, never a FIFO."""
+        path = self.file(LOCK_FILE)
+        flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) \
+            | getattr(os, "O_CLOEXEC", 0) | (os.O_CREAT if create else 0)
+        try:
+            fd = os.open(path, flags, 0o666)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise _link_error(path) from None
+            raise
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            os.close(fd)
+            raise _link_error(path, _KINDS.get(stat.S_IFMT(mode), "a folder"))
+        return fd
+
+    def _holder(self) -> str:
+        with contextlib.suppress(PriorVAEError, OSError):
+            return read_regular(self.file(LOCK_INFO), 200).decode(errors="replace").strip()
+        return ""
+
     @contextlib.contextmanager
     def lock(self, command: str, exclusive: bool = True):
         """Hold the folder for ``command``: exclusively (train, evaluate, fit-prior) or shared
@@ -254,9 +442,8 @@ class Run:
         if fcntl is None:
             yield self
             return
-        path = self.path / LOCK_FILE
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+            fd = self._open_lock(create=True)
         except OSError as exc:
             if not exclusive:  # a read-only folder: nobody can be training in it
                 yield self
@@ -266,24 +453,28 @@ class Run:
         try:
             fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
         except OSError:
-            holder = os.pread(fd, 200, 0).decode(errors="replace").strip()
             os.close(fd)
-            raise RunBusyError(f"{self.path} is in use by {holder or 'another priorvae process'}"
-                               f"; {command} must wait until it ends") from None
+            raise RunBusyError(f"{self.path} is in use by "
+                               f"{self._holder() or 'another priorvae process'}; {command} "
+                               f"must wait until it ends") from None
         try:
             if exclusive:
                 self._check_free_space(command)
                 since = datetime.datetime.now().isoformat(timespec="seconds")
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"priorvae {command} (pid {os.getpid()}, since {since})".encode(),
-                          0)
+                info = f"priorvae {command} (pid {os.getpid()}, since {since})".encode()
+                try:
+                    _atomic(self.file(LOCK_INFO), lambda f: f.write(info), fsync=False)
+                except RunError as exc:  # a read-only folder: said before any work
+                    raise RunError(f"cannot write in {self.path} ("
+                                   f"{str(exc).rpartition(': ')[2]}); {command} writes its "
+                                   f"results there") from None
             self._lock_fd = fd
             yield self
         finally:
             self._lock_fd = None
             if exclusive:
-                with contextlib.suppress(OSError):
-                    os.ftruncate(fd, 0)
+                with contextlib.suppress(OSError, PriorVAEError):
+                    os.unlink(self.file(LOCK_INFO))
             os.close(fd)
 
     def _check_free_space(self, command: str) -> None:
@@ -294,11 +485,11 @@ class Run:
 
     def is_busy(self) -> bool:
         """Whether another process holds the folder's lock now."""
-        if fcntl is None or not (self.path / LOCK_FILE).is_file() or self._lock_fd is not None:
+        if fcntl is None or self._lock_fd is not None:
             return False
         try:
-            fd = os.open(self.path / LOCK_FILE, os.O_RDONLY)
-        except OSError:
+            fd = self._open_lock(create=False)
+        except (OSError, PriorVAEError):
             return False
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
@@ -310,25 +501,34 @@ class Run:
 
     # -- metrics ---------------------------------------------------------------------------
     def metrics(self) -> dict[str, Any]:
-        path = self.path / METRICS_FILE
-        if not path.is_file():
+        path = self.file(METRICS_FILE)
+        if not os.path.lexists(path):
             return {}
         try:
-            metrics = json.loads(path.read_text())
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise RunError(f"{path} is damaged ({exc}); delete it to start its summary "
+            metrics = json.loads(read_regular(path), parse_constant=_constant_as_null)
+        except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+            what = "nested too deeply" if isinstance(exc, RecursionError) else exc
+            raise RunError(f"{path} is damaged ({what}); delete it to start its summary "
                            f"afresh (the checkpoints are unaffected)") from None
         if not isinstance(metrics, dict):
             raise RunError(f"{path} is damaged (not a JSON object); delete it to start its "
                            f"summary afresh (the checkpoints are unaffected)")
         return metrics
 
-    def update_metrics(self, **values: Any) -> dict[str, Any]:
-        """Merge ``values`` into metrics.json (atomically) and return the result."""
-        metrics = self.metrics()
-        metrics.update(values)
-        atomic_write_bytes(self.path / METRICS_FILE,
-                           (json.dumps(metrics, indent=2) + "\n").encode())
+    def update_metrics(self, drop: tuple[str, ...] = (), **values: Any) -> dict[str, Any]:
+        """Merge ``values`` into metrics.json (atomically; the keys ``drop`` removed first)
+        and return the result.
+
+        metrics.json is always valid JSON: a non-finite number (NaN, +-Infinity), which the
+        commands refuse before they get here, would be written as null and named under
+        ``non_finite`` (key: 'nan' / 'inf' / '-inf'), never as a bare NaN."""
+        metrics = {k: v for k, v in self.metrics().items() if k not in drop}
+        bad: dict[str, str] = {}
+        metrics.update(_finite_or_none(values, "", bad))
+        if bad:
+            metrics["non_finite"] = {**metrics.get("non_finite", {}), **bad}
+        atomic_write_bytes(self.file(METRICS_FILE),
+                           (json.dumps(metrics, indent=2, allow_nan=False) + "\n").encode())
         return metrics
 
     @property
@@ -341,7 +541,7 @@ class Run:
     def checkpoint_path(self, which: str) -> Path:
         if which not in CHECKPOINTS:
             raise RunError(f"checkpoint must be 'best' or 'last', got {which!r}")
-        return self.path / CHECKPOINTS[which]
+        return self.file(CHECKPOINTS[which])
 
     def save_checkpoint(self, which: str, payload: dict[str, Any]) -> None:
         save_checkpoint(self.checkpoint_path(which), payload)
@@ -386,14 +586,54 @@ class Run:
 
     # -- files -----------------------------------------------------------------------------
     def save_figure(self, relative: str | Path, fig) -> Path:
-        path = self.path / relative
+        path = self.file(relative)
+        self.file(Path(relative).parent, kind="dir")
         _atomic(path, lambda f: fig.savefig(f, format="png", dpi=110))
         return path
 
     def prior_source_files(self, label: str) -> tuple[Path, Path]:
         """(LABEL.toml, LABEL.pt) of an ex-post prior."""
-        folder = self.path / PRIORS_DIR
-        return folder / f"{label}.toml", folder / f"{label}.pt"
+        return self.file(f"{PRIORS_DIR}/{label}.toml"), self.file(f"{PRIORS_DIR}/{label}.pt")
+
+    @contextlib.contextmanager
+    def tensorboard(self, subdir: str | Path = ".", **kwargs):
+        """A TensorBoard ``SummaryWriter`` logging to ``subdir`` of the run (checked like every
+        path; event files get fresh names), whose write errors (a full disk) become one line."""
+        from torch.utils.tensorboard import SummaryWriter
+
+        folder = self.file(subdir, kind="dir") if str(subdir) != "." else self.path
+        self.check_tree()  # no link among the files the writers may open by a fixed name
+        hook = threading.excepthook
+
+        def quiet_writer_thread(args):  # its error is raised again in this thread: one line
+            if not (issubclass(args.exc_type, OSError)
+                    and type(args.thread).__name__ == "_AsyncWriterThread"):
+                hook(args)
+
+        threading.excepthook = quiet_writer_thread
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            with SummaryWriter(log_dir=str(folder), **kwargs) as writer:
+                yield writer
+        except OSError as exc:
+            raise _write_error(folder, exc) from None
+        finally:
+            threading.excepthook = hook
+
+    def add_embedding(self, writer, mat: torch.Tensor, tag: str, step: int, **kwargs) -> None:
+        """``writer.add_embedding`` for a writer of the run's own folder, once every path the
+        projector writes by a fixed name (``NNNNN/TAG/*.tsv``, ``sprite.png``,
+        ``projector_config.pbtxt``) is checked not to lead outside it."""
+        encode = getattr(writer, "_encode", lambda t: t.replace("/", "%2f"))
+        sub = f"{str(step).zfill(5)}/{encode(tag)}"  # the folder TensorBoard names
+        self.file(sub, kind="dir")
+        for name in ("tensors.tsv", "metadata.tsv", "sprite.png"):
+            self.file(f"{sub}/{name}")
+        self.file("projector_config.pbtxt")
+        try:
+            writer.add_embedding(mat, tag=tag, global_step=step, **kwargs)
+        except OSError as exc:
+            raise _write_error(self.path / sub, exc) from None
 
 
 def load_weights(module: torch.nn.Module, state: dict, source: Path) -> None:
@@ -409,6 +649,16 @@ def load_weights(module: torch.nn.Module, state: dict, source: Path) -> None:
         what = (shapes[:1] + [f"missing {', '.join(missing[:2])}"] * bool(missing)
                 + [f"unexpected {', '.join(unexpected[:2])}"] * bool(unexpected))
         raise RunError(f"{source} does not fit the model its run describes: {'; '.join(what)}")
+    odd = [k for k in expected if not isinstance(state[k], torch.Tensor)]
+    if odd:
+        raise RunError(f"{source} is damaged: {odd[0]} is a {type(state[odd[0]]).__name__}, "
+                       f"not a tensor")
+    params = {name for name, _ in module.named_parameters()}
+    for key, value in state.items():  # a diverged model is refused, never used
+        if value.is_floating_point() and (value.isnan().any() or (
+                key in params and value.isinf().any())):
+            raise RunError(f"{source} holds non-finite weights ({key}): the model diverged; "
+                           f"it cannot be used (train again, e.g. with a lower [train] lr)")
     try:
         module.load_state_dict(state)
     except (RuntimeError, TypeError) as exc:

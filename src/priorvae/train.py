@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,17 @@ from .distributed import DistEnv, all_reduce_sum, broadcast_object, teardown, wo
 from .distributed import setup as dist_setup
 from .errors import ConfigError, PriorVAEError, RunBusyError, RunError, TrainingError
 from .measure import diagnose, mean_elbo
-from .runs import CONFIG_FILE, FINISHED, Run, load_weights, run_config_dict
+from .runs import (
+    CONFIG_FILE,
+    EVALUATION_KEYS,
+    FINISHED,
+    Run,
+    load_weights,
+    read_regular,
+    run_config_dict,
+)
+from .sanity import absurd, non_finite, warn
+from .stop import check_stop
 from .vae import VAE, build_vae
 
 __all__ = ["train", "train_epoch", "TrainState", "train_step", "beta_at", "global_mean_elbo",
@@ -189,6 +200,8 @@ def train_epoch(model: VAE, opt: torch.optim.Optimizer, x_train: torch.Tensor, e
     # image scores itself (the exemplar prior's leave-one-out)
     needs_index = getattr(model.prior, "needs_data", False)
     for step, (x, global_n, idx) in enumerate(steps, start=1):
+        if not env.enabled:  # SIGTERM: stop between steps (with DDP: at the epoch's end)
+            check_stop()
         step_sums = train_step(model, opt, x, beta, global_n, tc.grad_norm == "unit",
                                tc.precision == "bf16", forward, idx if needs_index else None)
         first_bad = torch.where((first_bad < 0) & ~torch.isfinite(step_sums[0]), step, first_bad)
@@ -197,6 +210,14 @@ def train_epoch(model: VAE, opt: torch.optim.Optimizer, x_train: torch.Tensor, e
         if progress and step % 25 == 0:
             steps.set_postfix(loss=f"{(sums[0] / sums[4]).item():.3f}")
     all_reduce_sum(sums, env)
+    if env.enabled:  # every rank stops at the same point, or none does
+        from .stop import stop_requested
+
+        stops = torch.tensor(float(stop_requested()), device=device)
+        if all_reduce_sum(stops, env).item() > 0:
+            from .stop import Terminated
+
+            raise Terminated()
     bad_step = int(all_reduce_sum(first_bad.clamp_min(0), env).item())
     if not torch.isfinite(sums[0]) or bad_step > 0:
         raise TrainingError(f"non-finite loss at epoch {epoch}, "
@@ -269,37 +290,39 @@ def _train(cfg: Config, run_dir: Path, progress: bool, env: DistEnv,
             forward = compile_forward(forward, device)
 
         writer = classifier = None
-        if main:
-            from torch.utils.tensorboard import SummaryWriter
-
-            writer = stack.enter_context(SummaryWriter(log_dir=str(run_dir),
-                                                       purge_step=state.epoch + 1))
-            if phase == "new":
-                writer.add_text("config", "```toml\n" + (run_dir / CONFIG_FILE).read_text()
-                                + "\n```", 0)
-            run.update_metrics(status="running", prior=cfg.prior.name, data=cfg.data.name,
-                               device=str(device), world_size=env.world_size)
-            if tc.diagnostics_every > 0:
-                from .quality import classifier_cache_dir, get_classifier
-
-                classifier = get_classifier(splits, classifier_cache_dir(), progress=progress)
-
         status = "finished"
-        epochs = tqdm(range(state.epoch + 1, tc.epochs + 1), desc="epochs", initial=state.epoch,
-                      total=tc.epochs, disable=not progress, dynamic_ncols=True)
         try:
+            if main:
+                writer = stack.enter_context(run.tensorboard(purge_step=state.epoch + 1))
+                if phase == "new":
+                    writer.add_text("config", "```toml\n" + read_regular(
+                        run.file(CONFIG_FILE)).decode(errors="replace") + "\n```", 0)
+                # training changes best.pt: results of an earlier one no longer hold
+                run.update_metrics(drop=(*EVALUATION_KEYS, "prior_sources", "error",
+                                         "warnings"),
+                                   status="running", prior=cfg.prior.name, data=cfg.data.name,
+                                   device=str(device), world_size=env.world_size)
+                if tc.diagnostics_every > 0:
+                    from .quality import classifier_cache_dir, get_classifier
+
+                    classifier = get_classifier(splits, classifier_cache_dir(),
+                                                progress=progress)
+            epochs = tqdm(range(state.epoch + 1, tc.epochs + 1), desc="epochs",
+                          initial=state.epoch, total=tc.epochs, disable=not progress,
+                          dynamic_ncols=True)
             for epoch in epochs:
                 t0 = time.perf_counter()
                 try:
                     stats = train_epoch(model, opt, splits.x_train, epoch, cfg, env, forward,
                                         progress)
                 except TrainingError as exc:
-                    last = (f"the last good checkpoint ({run_dir / 'last.pt'}, epoch "
-                            f"{state.epoch}) is intact" if state.epoch else "no checkpoint yet")
-                    raise TrainingError(f"{exc}; training stopped, {last}. Try a lower "
-                                        f"[train] lr.") from None
+                    raise TrainingError(f"{exc}; {_what_is_kept(run, state)}") from None
                 model.eval()
                 val = global_mean_elbo(model, splits.x_val, tc.val_batch_size, env, device)
+                bad = non_finite(val)
+                if bad:  # a diverged model is never saved, as best or as last
+                    raise TrainingError(f"non-finite validation {bad[0]} ({val[bad[0]]}) at "
+                                        f"epoch {epoch}; {_what_is_kept(run, state)}")
                 state.train_seconds += time.perf_counter() - t0
                 state.epoch = epoch
                 improved = val["elbo"] > state.best_val
@@ -328,19 +351,33 @@ def _train(cfg: Config, run_dir: Path, progress: bool, env: DistEnv,
             if main:
                 run.update_metrics(status="failed", error=str(exc))
             raise
-        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM through the command line
+        except KeyboardInterrupt:  # Ctrl-C, or SIGTERM (at a step's end) via the command line
             if main:
                 with contextlib.suppress(PriorVAEError):
                     run.update_metrics(status="interrupted")
                 print(f"\ninterrupted; run the same command again to resume from "
-                      f"{run_dir / 'last.pt'}")
+                      f"{run.path / 'last.pt'}", file=sys.stderr)
             raise
         except BaseException:
             if main:  # e.g. the disk filled up: say so if the disk still lets us
                 with contextlib.suppress(PriorVAEError):
                     run.update_metrics(status="failed")
             raise
-        return run.update_metrics(status=status) if main else {"status": status}
+        if not main:
+            return {"status": status}
+        odd = absurd({"best_val_elbo": state.best_val}, math.prod(splits.input_shape))
+        warnings = [warn("train", f"{o} nats per image is absurd for these images; the "
+                         f"run probably diverged (check its TensorBoard curves)") for o in odd]
+        return run.update_metrics(status=status, **({"warnings": warnings} if warnings else {}))
+
+
+def _what_is_kept(run: Run, state: TrainState) -> str:
+    """What a stopped training leaves, for its error line."""
+    if not state.epoch:
+        return "training stopped before its first checkpoint. Try a lower [train] lr."
+    return (f"training stopped; {run.path / 'last.pt'} (epoch {state.epoch}, the last epoch "
+            f"whose loss and validation ELBO were finite) and best.pt (epoch "
+            f"{state.best_epoch}) are kept. Try a lower [train] lr.")
 
 
 def _claim_run(run_dir: Path, cfg: Config, env: DistEnv, stack: contextlib.ExitStack):
@@ -365,15 +402,51 @@ def _claim_run(run_dir: Path, cfg: Config, env: DistEnv, stack: contextlib.ExitS
     return run, value
 
 
+_RESTART = "delete last.pt to train this run from its start (best.pt is overwritten then)"
+# what last.pt must hold to resume a run, and of which types
+_RESUMABLE = {"model": dict, "optimizer": dict, "epoch": int, "best_val": (float, int),
+              "best_epoch": int, "bad_epochs": int, "train_seconds": (float, int),
+              "history": list, "rng_cpu": torch.Tensor}
+
+
+def _check_resumable(ckpt: dict, path: Path) -> None:
+    """One line for a last.pt that cannot resume a run: a field missing (a copy of best.pt
+    has no optimizer) or of the wrong type, or epochs that do not add up."""
+    missing = [k for k in _RESUMABLE if k not in ckpt]
+    if missing:
+        hint = " (a copy of best.pt?)" if "optimizer" in missing else ""
+        raise RunError(f"{path} cannot resume this run: it has no {', '.join(missing[:3])}"
+                       f"{hint}; {_RESTART}")
+    for key, kind in _RESUMABLE.items():
+        value = ckpt[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            names = kind.__name__ if isinstance(kind, type) else "/".join(k.__name__ for k in kind)
+            raise RunError(f"{path} is damaged: its {key!r} is a {type(value).__name__}, not a "
+                           f"{names}; {_RESTART}")
+    if not 0 <= ckpt["best_epoch"] <= ckpt["epoch"] or ckpt["bad_epochs"] < 0 or (
+            ckpt["epoch"] > 0 and not math.isfinite(ckpt["best_val"])):
+        raise RunError(f"{path} is damaged: epoch {ckpt['epoch']}, best epoch "
+                       f"{ckpt['best_epoch']}, best validation ELBO {ckpt['best_val']} do not "
+                       f"add up; {_RESTART}")
+
+
 def _restore(run: Run, model: VAE, opt, env: DistEnv, device: torch.device) -> TrainState:
     ckpt = run.load_checkpoint("last", device)
-    load_weights(model, ckpt["model"], run.checkpoint_path("last"))
-    opt.load_state_dict(ckpt["optimizer"])
+    path = run.checkpoint_path("last")
+    _check_resumable(ckpt, path)
+    load_weights(model, ckpt["model"], path)
     state = TrainState.from_checkpoint(ckpt)
+    try:
+        opt.load_state_dict(ckpt["optimizer"])
+        if env.is_main:
+            torch.set_rng_state(ckpt["rng_cpu"].cpu())
+            if device.type == "cuda" and isinstance(ckpt.get("rng_cuda"), torch.Tensor):
+                torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu(), device)
+    except (KeyError, ValueError, TypeError, RuntimeError, IndexError) as exc:
+        raise RunError(f"{path} is damaged ({type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0][:100] if str(exc) else ''}); {_RESTART}") \
+            from None
     if env.is_main:
-        torch.set_rng_state(ckpt["rng_cpu"])
-        if device.type == "cuda" and "rng_cuda" in ckpt:
-            torch.cuda.set_rng_state(ckpt["rng_cuda"].cpu(), device)
         print(f"{run.path}: resuming after epoch {state.epoch} (best validation ELBO "
               f"{state.best_val:.3f} at epoch {state.best_epoch})")
     else:

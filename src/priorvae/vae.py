@@ -83,11 +83,14 @@ class VAE(nn.Module):
         recon = self.likelihood(_full(self.decode(z)), x)
         # log q(z|x) at z = mu + sigma*eps is exactly -1/2 sum(log 2pi + logvar + eps^2)
         log_q = -0.5 * (LOG_2PI + logvar + eps**2).sum(-1)
+        # log_prob(z) unless images are to be left out: a prior that overrides the public
+        # log_prob(z), as a torch.distributions user would, trains too
+        args = {} if index is None else {"exclude": index}
         if torch.is_autocast_enabled(z.device.type):
             with torch.autocast(z.device.type, enabled=False):
-                log_p = self.prior.log_prob(z, exclude=index)
+                log_p = self.prior.log_prob(z, **args)
         else:
-            log_p = self.prior.log_prob(z, exclude=index)
+            log_p = self.prior.log_prob(z, **args)
         kl = log_q - log_p
         return {"recon": recon, "kl": kl, "elbo": recon - kl}
 
