@@ -27,7 +27,7 @@ from conftest import read_metrics, tiny_toml
 from priorvae.cli import main
 from priorvae.config import load_config
 from priorvae.errors import RunError
-from priorvae.runs import Run, check_inside, load_checkpoint
+from priorvae.runs import Run, load_checkpoint
 from priorvae.train import train
 
 COMMANDS = {  # every command that opens a run folder, cheap arguments
@@ -138,6 +138,8 @@ def test_the_lock_file_is_never_written(run_dir, tmp_path, capsys, kind, command
 
 
 def test_paths_never_climb_out(run_dir):
+    from priorvae.runs import check_inside
+
     run = Run.open(run_dir)
     for bad in ("../x", "/etc/passwd", "figures/../../x"):
         with pytest.raises(RunError, match="not a path inside"):

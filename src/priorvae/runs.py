@@ -384,6 +384,7 @@ class Run:
                 raise _write_error(path, exc) from None
             run = cls(path, cfg, True)
             run.check_tree()
+            run._check_empty()  # again under the lock: another process may be writing it
         run._check_same_config(cfg)
         return run
 
@@ -394,15 +395,18 @@ class Run:
             self.config = self._read_config()
             self._check_same_config(cfg)
             return
-        # the folder must be empty but for the lock (and a temporary file that a killed
-        # process left while writing config.toml)
+        self._check_empty()
+        atomic_write_bytes(self.file(CONFIG_FILE), dump_toml(run_config_dict(cfg)).encode())
+        self.config = cfg
+
+    def _check_empty(self) -> None:
+        """A folder without config.toml must be empty but for the lock and a temporary file of
+        a process writing config.toml now (or killed while it did)."""
         others = [p.name for p in self.path.iterdir() if p.name not in (LOCK_FILE, LOCK_INFO)
                   and not (p.name.startswith(f".{CONFIG_FILE}.") and p.name.endswith(".tmp"))]
         if others:
             raise RunError(f"{self.path} exists, is not empty and holds no {CONFIG_FILE}; "
                            f"choose another --out")
-        atomic_write_bytes(self.file(CONFIG_FILE), dump_toml(run_config_dict(cfg)).encode())
-        self.config = cfg
 
     def _check_same_config(self, cfg: Config) -> None:
         diff = config_diff(run_config_dict(self.config), run_config_dict(cfg))
