@@ -373,6 +373,10 @@ def test_a_huge_sample_is_refused_up_front(run_dir, tmp_path, capsys, source):
     code, err = cli("sample", run_dir, "--out", tmp_path / "s.png", "--n", "100000000",
                     "--source", source, *extra, capsys=capsys)
     assert code == 2 and "GiB of memory" in one_line(err)
+    code, err = cli("sample", run_dir, "--out", tmp_path / "s.png", "--n", "4", "--scale",
+                    "1000000", "--source", source, *extra, capsys=capsys)
+    assert code == 2 and "at --scale 1000000" in one_line(err)
+    assert not (tmp_path / "s.png").exists()
 
 
 def test_a_days_long_evaluation_is_refused_up_front(run_dir, capsys, monkeypatch):
@@ -454,7 +458,7 @@ def test_results_are_tied_to_their_checkpoint(run_dir, capsys):
     assert cli("train", config, "--out", run_dir, "--quiet")[0] == 0
     assert not {"hole_rate", "test_nll", "evaluated_checkpoint"} & set(read_metrics(run_dir))
     capsys.readouterr()
-    assert cli("evaluate", run_dir, "--quiet", "--no-diagnostics")[0] == 0
+    assert cli("evaluate", run_dir, "--quiet", "--no-diagnostics", "--json")[0] == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert "hole_rate" not in printed and "hole_rate" not in read_metrics(run_dir)
 

@@ -135,7 +135,7 @@ def _cmd_sample(args) -> int:
     if out.suffix.lower() != ".png" or out.is_dir():
         raise PriorVAEError(f"--out must name a .png file, got {args.out!r}")
     run = Run.open(args.run_dir, args.trust_remote_code)
-    _check_sample_memory(args.n, run)
+    _check_sample_memory(args.n, run, args.scale)
     with run.lock("sample", exclusive=False):
         torch.manual_seed(args.seed)
         model = run.load_model()
@@ -217,19 +217,22 @@ def _available_memory() -> int:
         return 2**34
 
 
-def _check_sample_memory(n: int, run) -> None:
-    """Refuse, before any work, a picture of ``n`` samples that would not fit in half of the
-    memory available (decoded images, the grid, the PNG encoder's copy)."""
+def _check_sample_memory(n: int, run, scale: int | None) -> None:
+    """Refuse, before any work, a picture of ``n`` samples at ``scale`` that would not fit in
+    half of the memory available (codes, decoded images, the grid, its enlarged float copies
+    and the 8-bit copy the PNG encoder reads)."""
     from .data import input_shape
 
     c, h, w = input_shape(run.config.data.name)
-    per_image = 4 * (2 * c * h * w + 3 * (h + 2) * (w + 2)) + 3 * (h + 2) * (w + 2) \
-        + 8 * run.config.model.latent_dim
+    scale = scale or auto_scale(w)
+    cell = 3 * (h + 1) * (w + 1)
+    per_image = 4 * (2 * c * h * w + cell + run.config.model.latent_dim) + 9 * cell * scale**2
     need, have = n * per_image, _available_memory()
     if need > have // 2:
-        raise PriorVAEError(f"--n {n}: the picture would need about {need / 2**30:.3g} GiB of "
-                            f"memory and {have / 2**30:.3g} GiB are available here; ask for at "
-                            f"most {max(1, have // 2 // per_image)} samples")
+        raise PriorVAEError(f"--n {n} at --scale {scale}: the picture would need about "
+                            f"{need / 2**30:.3g} GiB of memory and {have / 2**30:.3g} GiB are "
+                            f"available here; ask for at most {max(1, have // 2 // per_image)} "
+                            f"samples at this scale")
 
 
 def _cmd_compare(args) -> int:
