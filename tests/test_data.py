@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from priorvae.data import data_root, iterate_batches, load_splits
-from priorvae.errors import DataError
+from priorvae.errors import ConfigError, DataError
 
 
 def _is_binary(t):
@@ -66,5 +66,5 @@ def test_data_root_precedence(monkeypatch, tmp_path):
 
 
 def test_unknown_dataset():
-    with pytest.raises(DataError, match="known: mnist"):
+    with pytest.raises(ConfigError, match="unknown data set 'cifar' \\(did you mean 'cifar10'"):
         load_splits("cifar")

@@ -179,7 +179,7 @@ def check_grid(runs: list[tuple[str, Config]], expost: list[str]) -> None:
     for name, run_cfg in runs:
         try:
             check_joint(run_cfg)
-            shape = input_shape(run_cfg.data.name)
+            shape = input_shape(run_cfg.data)
             pc = run_cfg.prior
             model = build_vae(run_cfg, shape, data=data_for(pc.name, pc.file_sha256, run_cfg,
                                                             shape))

@@ -41,7 +41,6 @@ __all__ = [
     "validate_value",
     "describe",
     "TABLES",
-    "DATASETS",
     "plugin_tables",
     "pin_plugins",
     "resolve_plugins",
@@ -66,14 +65,16 @@ def option(default: Any, *, choices: tuple | None = None, low: float | None = No
     return field(default=default, metadata=meta)
 
 
-DATASETS = ("mnist", "fashion_mnist", "digits")
-
-
 @dataclass
 class DataConfig:
-    name: str = option("mnist", choices=DATASETS)
+    """``[data]``: the data set's name, the keys every data set shares, and (``kwargs``) the
+    data set's own keys, which :func:`priorvae.datasets.build_dataset` checks."""
+
+    name: str = option("mnist", pattern=r"[A-Za-z_][\w.\-/\\:]*",
+                       doc="a registered data set (priorvae.datasets.list_datasets())")
     root: str | None = option(None, doc="else $PRIORVAE_DATA, else the user cache folder")
     download: bool = option(True)
+    kwargs: dict[str, Any] = field(default_factory=dict)  # the data set's own keys
 
 
 @dataclass
@@ -140,6 +141,8 @@ class Config:
             if f.name == "prior":
                 value = {"name": value["name"], **value["kwargs"],
                          "file_sha256": value["file_sha256"]}
+            elif f.name == "data":
+                value = {**{k: v for k, v in value.items() if k != "kwargs"}, **value["kwargs"]}
             out[f.name] = {k: v for k, v in value.items() if v is not None}
         out.update(self.extra)
         return out
@@ -227,7 +230,15 @@ def validate(cfg: Config) -> Config:
     for table, cls in TABLES.items():
         body = getattr(cfg, table)
         for f in dataclasses.fields(cls):  # values come back normalised (int -> float)
-            setattr(body, f.name, validate_value(table, f, getattr(body, f.name)))
+            if f.name != "kwargs":  # a plug-in's own keys: the plug-in checks them
+                setattr(body, f.name, validate_value(table, f, getattr(body, f.name)))
+    if ":" not in cfg.data.name:  # a file.py:Class / module:Class spec is imported later
+        from .datasets import list_datasets
+
+        known = list_datasets()
+        if cfg.data.name not in known:
+            raise ConfigError(f"[data] name must be one of {', '.join(map(repr, known))}, got "
+                              f"{cfg.data.name!r}{_suggest(cfg.data.name, known)}")
     if cfg.model.logvar_min >= cfg.model.logvar_max:
         raise ConfigError(f"[model] logvar_min ({cfg.model.logvar_min:g}) must be below "
                           f"logvar_max ({cfg.model.logvar_max:g})")
@@ -264,9 +275,12 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
             cfg.prior = PriorConfig(name=name, kwargs=body, file_sha256=sha)
             continue
         cls = TABLES[table]
-        fields = {f.name: f for f in dataclasses.fields(cls)}
+        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "kwargs"}
+        if table == "data":  # keys beyond the shared ones belong to the data set
+            own = {k: v for k, v in body.items() if k not in fields}
+            body = {**{k: v for k, v in body.items() if k in fields}, "kwargs": own}
         for key in body:
-            if key not in fields:
+            if key not in fields and not (table == "data" and key == "kwargs"):
                 names = list(fields)
                 raise ConfigError(
                     f"unknown key '{key}' in [{table}]{_suggest(key, names)}; "

@@ -356,7 +356,7 @@ def load_prior_source(run: Run, model, source: str = TRAINED, splits=None):
             ValueError, RecursionError) as exc:
         raise RunError(f"{spec_path} is damaged ({type(exc).__name__}); fit the prior again") \
             from None
-    shape = input_shape(run.config.data.name)
+    shape = input_shape(run.config.data)
     with reading_folder(run.path, spec_path, run.trust_remote_code):  # every spec to the gate
         if PRIORS.resolve(name, sha, kwargs).needs_data:  # made of training images: again
             if splits is None:

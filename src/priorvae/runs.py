@@ -577,7 +577,7 @@ class Run:
             if data is None and get_prior_class(cfg.prior.name,
                                                 cfg.prior.file_sha256).needs_data:
                 data = load_splits(cfg.data).x_train
-            return build_vae(cfg, input_shape(cfg.data.name), data=data)
+            return build_vae(cfg, input_shape(cfg.data), data=data)
 
     def load_model(self, which: str = "best", device: str | torch.device = "cpu",
                    checkpoint: dict | None = None):

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from .config import Config, pin_plugins
 from .data import binarize, load_splits
+from .datasets import check_suits
 from .distributed import DistEnv, all_reduce_sum, broadcast_object, teardown, world_size
 from .distributed import setup as dist_setup
 from .errors import ConfigError, PriorVAEError, RunBusyError, RunError, TrainingError
@@ -264,6 +265,8 @@ def _train(cfg: Config, run_dir: Path, progress: bool, env: DistEnv,
     # leaves nothing behind
     check_joint(cfg)
     splits = load_splits(cfg.data, device=device)
+    # the likelihood must accept the data's values (today's is Bernoulli)
+    check_suits(splits.value_type, "bernoulli", ("binary", "intensity", "8bit"), cfg.data.name)
     torch.manual_seed(tc.seed)
     model = build_vae(cfg, splits.input_shape, data=splits.x_train).to(device)
     opt = make_optimizer(model.parameters(), tc.lr)

@@ -1,0 +1,260 @@
+"""Data sets as plug-ins: the :class:`DataSet` contract, :class:`Splits`, and the registry.
+
+A data set is a class with three class attributes and one method:
+
+- ``value_type``: what its values are, one of :data:`VALUE_TYPES`: ``"binary"`` (floats in
+  {0, 1}), ``"intensity"`` (floats in [0, 1]), ``"8bit"`` (floats k/255, k in 0..255),
+  ``"real"`` (any finite float). A likelihood declares the value types it accepts
+  (Bernoulli: binary, intensity, 8bit); a mismatch is refused before a run folder is written.
+- ``n_classes``: the number of label classes, or None (no labels).
+- ``shape``: one example's shape, (C, H, W) for images or (D,) for vectors; None when only the
+  files tell (``tensors``, ``image_folder``: then :meth:`DataSet.input_shape` loads them).
+- ``load() -> Splits``: float32 ``x_train``/``x_val``/``x_test`` ((N, C, H, W) or (N, D)),
+  values as loaded (grey levels stay grey: binarizing is the likelihood's business), and
+  integer labels (N,) or None.
+
+The constructor takes ``root`` and ``download`` (the ``[data]`` keys every data set shares)
+and the data set's own keyword arguments, which are the other keys of ``[data]``.
+:func:`load_dataset` checks what ``load`` returns (shapes, NaN/inf, values against the
+declared value type, label lengths) and raises one line naming what is wrong.
+
+Registry: :func:`register_dataset` (a decorator), :func:`build_dataset`, :func:`list_datasets`;
+entry-point group ``priorvae.datasets``. Root folder: ``[data] root``, else
+``$PRIORVAE_DATA``, else ``$XDG_CACHE_HOME/priorvae`` (or ``~/.cache/priorvae``).
+"""
+
+from __future__ import annotations
+
+import difflib
+import inspect
+import os
+from dataclasses import dataclass, fields
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+
+from ..errors import ConfigError, DataError
+
+__all__ = ["VALUE_TYPES", "Splits", "DataSet", "register_dataset", "get_dataset_class",
+           "build_dataset", "list_datasets", "load_dataset", "check_splits", "check_suits",
+           "data_root", "split_by_fraction"]
+
+VALUE_TYPES = ("binary", "intensity", "8bit", "real")
+GROUP = "priorvae.datasets"
+
+
+@dataclass
+class Splits:
+    """A data set's train / validation / test values ``x_*`` (float32, (N, C, H, W) or (N, D))
+    and integer labels ``y_*`` (N,) or None; ``value_type`` and ``n_classes`` as declared."""
+
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor | None
+    x_val: torch.Tensor
+    y_val: torch.Tensor | None
+    x_test: torch.Tensor
+    y_test: torch.Tensor | None
+    value_type: str = "intensity"
+    n_classes: int | None = None
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    @property
+    def has_labels(self) -> bool:
+        return self.y_train is not None and self.y_test is not None
+
+    def to(self, device: torch.device | str) -> Splits:
+        moved = {f.name: getattr(self, f.name) for f in fields(self)}
+        for key in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
+            if moved[key] is not None:
+                moved[key] = moved[key].to(device)
+        return Splits(**moved)
+
+
+class DataSet:
+    """The contract of a data set (see the module docstring). Subclass, set the class
+    attributes, implement :meth:`load`, and register with ``@register_dataset("name")``."""
+
+    name: ClassVar[str] = ""
+    value_type: ClassVar[str] = "real"
+    n_classes: ClassVar[int | None] = None
+    shape: ClassVar[tuple[int, ...] | None] = None
+
+    def __init__(self, root: str | os.PathLike | None = None, download: bool = True):
+        self.root, self.download = data_root(root), download
+
+    def load(self) -> Splits:
+        raise NotImplementedError
+
+    def input_shape(self) -> tuple[int, ...]:
+        """One example's shape, without loading when the class declares it."""
+        return tuple(self.shape) if self.shape else load_dataset(self).input_shape
+
+
+_REGISTRY: dict[str, type[DataSet]] = {}
+_ENTRY_POINTS_LOADED = False
+
+
+def register_dataset(name: str):
+    """Class decorator: register a :class:`DataSet` subclass under ``name``."""
+    if not isinstance(name, str) or not name or ":" in name:
+        raise ConfigError(f"a data set's name must be a non-empty string without ':', "
+                          f"got {name!r}")
+
+    def wrap(cls: type[DataSet]) -> type[DataSet]:
+        if not (isinstance(cls, type) and issubclass(cls, DataSet)):
+            raise ConfigError(f"data set {name!r} must subclass priorvae.datasets.DataSet")
+        if cls.value_type not in VALUE_TYPES:
+            raise ConfigError(f"data set {name!r}: value_type must be one of "
+                              f"{', '.join(VALUE_TYPES)}, got {cls.value_type!r}")
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise ConfigError(f"data set {name!r} is registered twice "
+                              f"({_REGISTRY[name].__qualname__} and {cls.__qualname__})")
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return wrap
+
+
+def _load_entry_points() -> None:
+    global _ENTRY_POINTS_LOADED
+    if not _ENTRY_POINTS_LOADED:
+        _ENTRY_POINTS_LOADED = True
+        for ep in entry_points(group=GROUP):
+            if ep.name not in _REGISTRY:
+                register_dataset(ep.name)(ep.load())
+
+
+def list_datasets() -> list[str]:
+    """Names of the registered data sets, sorted."""
+    _load_entry_points()
+    return sorted(_REGISTRY)
+
+
+def get_dataset_class(name: str) -> type[DataSet]:
+    """The class registered as ``name``; unknown names get the close matches."""
+    known = list_datasets()
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.5)
+        hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+        raise ConfigError(f"[data] name: unknown data set {name!r}{hint}; known: "
+                          f"{', '.join(known)}")
+    return _REGISTRY[name]
+
+
+def build_dataset(cfg: Any, **kwargs) -> DataSet:
+    """The data set a ``[data]`` table names (``cfg`` with ``name``, ``root``, ``download``
+    and the data set's own ``kwargs``), or a name plus keyword arguments. Arguments the class
+    does not take are refused in one line with the ones it takes."""
+    if isinstance(cfg, str):
+        name, args = cfg, dict(kwargs)
+    else:
+        name = cfg.name
+        args = {"root": cfg.root, "download": cfg.download, **getattr(cfg, "kwargs", {}),
+                **kwargs}
+    cls = get_dataset_class(name)
+    params = inspect.signature(cls.__init__).parameters
+    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
+    accepted = [k for k, p in params.items() if k != "self" and p.kind is not p.VAR_KEYWORD]
+    unknown = [k for k in args if k not in accepted and not takes_any]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], accepted, n=2, cutoff=0.5)
+        hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
+        raise ConfigError(f"[data] {unknown[0]}: data set {name!r} takes no such key{hint}; "
+                          f"its keys: {', '.join(accepted)}")
+    try:
+        return cls(**args)
+    except TypeError as exc:  # a required key missing
+        raise ConfigError(f"[data] name = {name!r}: {exc}") from None
+
+
+def data_root(root: str | os.PathLike | None = None) -> Path:
+    """The data folder: ``root`` if given, else ``$PRIORVAE_DATA``, else the user cache."""
+    if root:
+        return Path(root).expanduser()
+    if os.environ.get("PRIORVAE_DATA"):
+        return Path(os.environ["PRIORVAE_DATA"]).expanduser()
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "priorvae"
+
+
+def split_by_fraction(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Indices (kept, split off) of ``n`` items: a seeded permutation, ``round(fraction * n)``
+    (at least 1) split off."""
+    k = max(1, round(fraction * n))
+    if k >= n:
+        raise DataError(f"{n} examples are too few to split off {fraction:g} of them")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    return perm[k:].sort().values, perm[:k].sort().values
+
+
+def _describe_values(x: torch.Tensor) -> str:
+    return f"values in [{x.min().item():.4g}, {x.max().item():.4g}]"
+
+
+def check_splits(splits: Splits, source: str = "") -> Splits:
+    """Shapes, finiteness, values against ``splits.value_type`` and label lengths; one
+    :class:`DataError` line for the first problem. Returns ``splits``."""
+    where = f"data set {splits.name!r}" + (f" ({source})" if source else "")
+    if splits.value_type not in VALUE_TYPES:
+        raise DataError(f"{where}: value type {splits.value_type!r} is not one of "
+                        f"{', '.join(VALUE_TYPES)}")
+    shape = None
+    for part in ("train", "val", "test"):
+        x, y = getattr(splits, f"x_{part}"), getattr(splits, f"y_{part}")
+        if not isinstance(x, torch.Tensor) or x.dim() not in (2, 4) or len(x) == 0:
+            got = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise DataError(f"{where}: the {part} split must be a non-empty (N, C, H, W) image "
+                            f"or (N, D) vector array, got shape {got}")
+        if shape is not None and tuple(x.shape[1:]) != shape:
+            raise DataError(f"{where}: the {part} split has examples of shape "
+                            f"{tuple(x.shape[1:])}, the training split {shape}")
+        shape = tuple(x.shape[1:])
+        if not torch.isfinite(x).all():
+            bad = int((~torch.isfinite(x)).sum())
+            raise DataError(f"{where}: the {part} split holds {bad} NaN or infinite values")
+        if (y is None) != (splits.y_train is None):
+            raise DataError(f"{where}: labels are given for some splits only; give them for "
+                            f"train, validation and test, or for none")
+        if y is not None and (y.dim() != 1 or len(y) != len(x)):
+            raise DataError(f"{where}: the {part} split has {len(x)} examples but labels of "
+                            f"shape {tuple(y.shape)}; expected ({len(x)},)")
+        if y is not None and splits.n_classes and (y.min() < 0 or y.max() >= splits.n_classes):
+            raise DataError(f"{where}: {part} labels must lie in 0..{splits.n_classes - 1}")
+        vt = splits.value_type
+        if vt in ("binary", "intensity", "8bit") and (x.min() < 0 or x.max() > 1):
+            raise DataError(f"{where}: declared {vt} values must lie in [0, 1], the {part} "
+                            f"split has {_describe_values(x)} (declare value_type = 'real')")
+        if vt == "binary" and not bool(((x == 0) | (x == 1)).all()):
+            raise DataError(f"{where}: declared binary, but the {part} split holds values "
+                            f"other than 0 and 1")
+    return splits
+
+
+def load_dataset(dataset: DataSet | Any) -> Splits:
+    """Load and check a data set (a :class:`DataSet` or a ``[data]`` table), on the CPU."""
+    ds = dataset if isinstance(dataset, DataSet) else build_dataset(dataset)
+    splits = ds.load()
+    if not isinstance(splits, Splits):
+        raise DataError(f"data set {ds.name!r}: load() must return priorvae.datasets.Splits, "
+                        f"got {type(splits).__name__}")
+    return check_splits(splits)
+
+
+def check_suits(value_type: str, likelihood: str, accepted, data_name: str = "") -> None:
+    """Refuse, in one line, a likelihood that does not accept the data's value type."""
+    if value_type not in accepted:
+        what = f"data set {data_name!r} holds" if data_name else "the data hold"
+        raise ConfigError(f"[likelihood] name = {likelihood!r} accepts "
+                          f"{', '.join(sorted(accepted))} values, but {what} {value_type} "
+                          f"values; choose a likelihood that accepts {value_type} data")
+
+
+# the built-in data sets register themselves on import
+from . import cifar10, digits, image_folder, mnist, omniglot, static_mnist, tensors  # noqa: E402,F401,I001

@@ -1,0 +1,116 @@
+"""A folder of PNG/JPEG images, optionally one subfolder per class (the subfolder's name is
+the label, classes sorted by name), as torchvision's ``ImageFolder``.
+
+``[data]`` keys: ``path`` (the folder), ``size`` ([H, W] or one number: every image is resized
+to it, bilinear; without it every image must have the same size), ``channels`` (1: grey,
+3: RGB; default: 1 if every image is grey, else 3), ``val_fraction``, ``test_fraction``,
+``split_seed`` (validation and test examples split off by a seeded permutation, as for
+``tensors``). Values are 8-bit (value type ``8bit``). Files are read in sorted order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..errors import ConfigError, DataError
+from . import DataSet, Splits, register_dataset, split_by_fraction
+
+__all__ = ["ImageFolder", "EXTENSIONS"]
+
+EXTENSIONS = (".png", ".jpg", ".jpeg")
+
+
+@register_dataset("image_folder")
+class ImageFolder(DataSet):
+    value_type = "8bit"
+    n_classes = None
+    shape = None
+
+    def __init__(self, root=None, download: bool = True, path: str | None = None,
+                 size: int | list[int] | None = None, channels: int | None = None,
+                 val_fraction: float = 0.1, test_fraction: float = 0.1, split_seed: int = 0):
+        super().__init__(root, download)
+        if not isinstance(path, str) or not path:
+            raise ConfigError("[data] name = 'image_folder' needs path = FOLDER")
+        if isinstance(size, int) and not isinstance(size, bool):
+            size = [size, size]
+        if size is not None and not (isinstance(size, list) and len(size) == 2 and all(
+                isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
+            raise ConfigError(f"[data] size must be [H, W] or one positive integer, "
+                              f"got {size!r}")
+        if channels not in (None, 1, 3):
+            raise ConfigError(f"[data] channels must be 1 or 3, got {channels!r}")
+        for key, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+            if isinstance(frac, bool) or not isinstance(frac, (int, float)) \
+                    or not 0 < frac < 1:
+                raise ConfigError(f"[data] {key} must be a number in (0, 1), got {frac!r}")
+        self.path, self.size, self.channels = Path(path).expanduser(), size, channels
+        self.fractions, self.split_seed = (val_fraction, test_fraction), split_seed
+
+    def _files(self) -> tuple[list[Path], list[int] | None, list[str]]:
+        if not self.path.is_dir():
+            raise DataError(f"[data] path: image folder not found: {self.path}")
+        entries = sorted(self.path.iterdir())
+        classes = [p for p in entries if p.is_dir()]
+        loose = [p for p in entries if p.is_file() and p.suffix.lower() in EXTENSIONS]
+        if classes and loose:
+            raise DataError(f"{self.path} holds both images and subfolders; put every image in "
+                            f"a class subfolder, or none")
+        if not classes:
+            files, labels = loose, None
+        else:
+            files, labels = [], []
+            for k, folder in enumerate(classes):
+                found = sorted(p for p in folder.iterdir()
+                               if p.is_file() and p.suffix.lower() in EXTENSIONS)
+                files += found
+                labels += [k] * len(found)
+        if len(files) < 3:
+            raise DataError(f"{self.path}: {len(files)} images ({', '.join(EXTENSIONS)}); need "
+                            f"at least 3 for the train / validation / test splits")
+        return files, labels, [c.name for c in classes]
+
+    def load(self) -> Splits:
+        from PIL import Image, UnidentifiedImageError
+
+        files, labels, class_names = self._files()
+        images, first_size = [], None
+        for path in files:
+            try:
+                with Image.open(path) as img:
+                    img.load()
+                    mode = img.mode
+                    images.append((img.convert("RGB") if mode not in ("L", "1", "I;16", "I")
+                                   else img.convert("L")))
+            except (UnidentifiedImageError, OSError, ValueError) as exc:
+                raise DataError(f"{path} is not a readable image ({type(exc).__name__}: "
+                                f"{exc})") from None
+            if self.size is None:
+                first_size = first_size or (images[0].size, files[0])
+                if images[-1].size != first_size[0]:
+                    (w0, h0), (w, h) = first_size[0], images[-1].size
+                    raise DataError(f"{self.path}: images of different sizes ({first_size[1].name}"
+                                    f" is {h0}x{w0}, {path.name} is {h}x{w}); declare [data] "
+                                    f"size = [H, W] to resize them")
+        channels = self.channels or (1 if all(i.mode == "L" for i in images) else 3)
+        arrays = []
+        for img in images:
+            img = img.convert("L" if channels == 1 else "RGB")
+            if self.size is not None:
+                img = img.resize((self.size[1], self.size[0]), Image.BILINEAR)
+            a = np.asarray(img, dtype=np.uint8)
+            arrays.append(a[None] if a.ndim == 2 else a.transpose(2, 0, 1))
+        x = torch.from_numpy(np.stack(arrays).astype(np.float32)) / 255.0
+        y = None if labels is None else torch.tensor(labels, dtype=torch.long)
+        parts = {}
+        for i, frac in enumerate(reversed(self.fractions)):  # test first, then validation
+            keep, off = split_by_fraction(len(x), frac, self.split_seed + i)
+            parts[i] = (x[off], None if y is None else y[off])
+            x, y = x[keep], None if y is None else y[keep]
+        (x_test, y_test), (x_val, y_val) = parts[0], parts[1]
+        self.n_classes = len(class_names) or None
+        return Splits(self.name, x, y, x_val, y_val, x_test, y_test, self.value_type,
+                      self.n_classes)
