@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from priorvae.data import data_root, iterate_batches, load_splits
-from priorvae.errors import ConfigError, DataError
+from priorvae.errors import DataError, PluginError
 
 
 def _is_binary(t):
@@ -66,5 +66,5 @@ def test_data_root_precedence(monkeypatch, tmp_path):
 
 
 def test_unknown_dataset():
-    with pytest.raises(ConfigError, match="unknown data set 'cifar' \\(did you mean 'cifar10'"):
+    with pytest.raises(PluginError, match="unknown data set 'cifar'.*Did you mean: cifar10"):
         load_splits("cifar")

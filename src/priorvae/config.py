@@ -74,6 +74,8 @@ class DataConfig:
                        doc="a registered data set (priorvae.datasets.list_datasets())")
     root: str | None = option(None, doc="else $PRIORVAE_DATA, else the user cache folder")
     download: bool = option(True)
+    # a file.py:Class data set: the file's hash when it was chosen
+    file_sha256: str | None = option(None, pattern=r"[0-9a-f]{64}", doc="64 hex digits")
     kwargs: dict[str, Any] = field(default_factory=dict)  # the data set's own keys
 
 

@@ -25,19 +25,17 @@ entry-point group ``priorvae.datasets``. Root folder: ``[data] root``, else
 
 from __future__ import annotations
 
-import difflib
-import inspect
 import os
 from dataclasses import dataclass, fields
-from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
 
-from ..errors import ConfigError, DataError
+from ..errors import ConfigError, DataError, PluginError
+from ..registry import Registry
 
-__all__ = ["VALUE_TYPES", "Splits", "DataSet", "register_dataset", "get_dataset_class",
+__all__ = ["VALUE_TYPES", "DATASETS", "Splits", "DataSet", "register_dataset", "get_dataset_class",
            "build_dataset", "list_datasets", "load_dataset", "check_splits", "check_suits",
            "data_root", "split_by_fraction"]
 
@@ -96,82 +94,42 @@ class DataSet:
         return tuple(self.shape) if self.shape else load_dataset(self).input_shape
 
 
-_REGISTRY: dict[str, type[DataSet]] = {}
-_ENTRY_POINTS_LOADED = False
+DATASETS = Registry("data set", DataSet, GROUP, reserved=("root", "download"),
+                    name_attr="name")
 
 
 def register_dataset(name: str):
     """Class decorator: register a :class:`DataSet` subclass under ``name``."""
-    if not isinstance(name, str) or not name or ":" in name:
-        raise ConfigError(f"a data set's name must be a non-empty string without ':', "
-                          f"got {name!r}")
+    register = DATASETS.register(name)
 
     def wrap(cls: type[DataSet]) -> type[DataSet]:
-        if not (isinstance(cls, type) and issubclass(cls, DataSet)):
-            raise ConfigError(f"data set {name!r} must subclass priorvae.datasets.DataSet")
-        if cls.value_type not in VALUE_TYPES:
-            raise ConfigError(f"data set {name!r}: value_type must be one of "
+        if getattr(cls, "value_type", None) not in VALUE_TYPES:
+            raise PluginError(f"data set {name!r}: value_type must be one of "
                               f"{', '.join(VALUE_TYPES)}, got {cls.value_type!r}")
-        if name in _REGISTRY and _REGISTRY[name] is not cls:
-            raise ConfigError(f"data set {name!r} is registered twice "
-                              f"({_REGISTRY[name].__qualname__} and {cls.__qualname__})")
-        cls.name = name
-        _REGISTRY[name] = cls
-        return cls
+        return register(cls)
 
     return wrap
 
 
-def _load_entry_points() -> None:
-    global _ENTRY_POINTS_LOADED
-    if not _ENTRY_POINTS_LOADED:
-        _ENTRY_POINTS_LOADED = True
-        for ep in entry_points(group=GROUP):
-            if ep.name not in _REGISTRY:
-                register_dataset(ep.name)(ep.load())
+def list_datasets(pattern: str = "*") -> list[str]:
+    """Names of the registered data sets matching ``pattern``, sorted."""
+    return DATASETS.list(pattern)
 
 
-def list_datasets() -> list[str]:
-    """Names of the registered data sets, sorted."""
-    _load_entry_points()
-    return sorted(_REGISTRY)
-
-
-def get_dataset_class(name: str) -> type[DataSet]:
-    """The class registered as ``name``; unknown names get the close matches."""
-    known = list_datasets()
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.5)
-        hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
-        raise ConfigError(f"[data] name: unknown data set {name!r}{hint}; known: "
-                          f"{', '.join(known)}")
-    return _REGISTRY[name]
+def get_dataset_class(name: str, sha256: str | None = None) -> type[DataSet]:
+    """The class registered as ``name`` (or a ``file.py:Class`` / ``module:Class`` spec,
+    through the one gate); unknown names get the close matches."""
+    return DATASETS.get(name, sha256)
 
 
 def build_dataset(cfg: Any, **kwargs) -> DataSet:
-    """The data set a ``[data]`` table names (``cfg`` with ``name``, ``root``, ``download``
-    and the data set's own ``kwargs``), or a name plus keyword arguments. Arguments the class
-    does not take are refused in one line with the ones it takes."""
+    """The data set a ``[data]`` table names (``cfg`` with ``name``, ``root``, ``download``,
+    the data set's own ``kwargs`` and ``file_sha256``), or a name plus keyword arguments.
+    Arguments the class does not take are refused in one line with the ones it takes."""
     if isinstance(cfg, str):
-        name, args = cfg, dict(kwargs)
-    else:
-        name = cfg.name
-        args = {"root": cfg.root, "download": cfg.download, **getattr(cfg, "kwargs", {}),
-                **kwargs}
-    cls = get_dataset_class(name)
-    params = inspect.signature(cls.__init__).parameters
-    takes_any = any(p.kind is p.VAR_KEYWORD for p in params.values())
-    accepted = [k for k, p in params.items() if k != "self" and p.kind is not p.VAR_KEYWORD]
-    unknown = [k for k in args if k not in accepted and not takes_any]
-    if unknown:
-        close = difflib.get_close_matches(unknown[0], accepted, n=2, cutoff=0.5)
-        hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
-        raise ConfigError(f"[data] {unknown[0]}: data set {name!r} takes no such key{hint}; "
-                          f"its keys: {', '.join(accepted)}")
-    try:
-        return cls(**args)
-    except TypeError as exc:  # a required key missing
-        raise ConfigError(f"[data] name = {name!r}: {exc}") from None
+        return DATASETS.build(cfg, **kwargs)
+    args = {"root": cfg.root, "download": cfg.download, **cfg.kwargs, **kwargs}
+    return DATASETS.build(cfg.name, sha256=cfg.file_sha256, **args)
 
 
 def data_root(root: str | os.PathLike | None = None) -> Path:

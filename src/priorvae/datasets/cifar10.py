@@ -74,7 +74,8 @@ class CIFAR10(DataSet):
             raise DataError(f"{folder} holds {len(x)} training images, not more than "
                             f"[data] n_validation = {self.n_validation}")
         perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.split_seed))
-        train, val = perm[:-self.n_validation].sort().values, perm[-self.n_validation:].sort().values
+        k = len(x) - self.n_validation
+        train, val = perm[:k].sort().values, perm[k:].sort().values
         return Splits(self.name, x[train], y[train], x[val], y[val], x_test, y_test,
                       self.value_type, self.n_classes)
 

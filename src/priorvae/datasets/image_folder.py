@@ -83,8 +83,8 @@ class ImageFolder(DataSet):
                 with Image.open(path) as img:
                     img.load()
                     mode = img.mode
-                    images.append((img.convert("RGB") if mode not in ("L", "1", "I;16", "I")
-                                   else img.convert("L")))
+                    images.append(img.convert("RGB") if mode not in ("L", "1", "I;16", "I")
+                                   else img.convert("L"))
             except (UnidentifiedImageError, OSError, ValueError) as exc:
                 raise DataError(f"{path} is not a readable image ({type(exc).__name__}: "
                                 f"{exc})") from None

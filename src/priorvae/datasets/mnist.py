@@ -8,7 +8,6 @@ when ``download = true``.
 
 from __future__ import annotations
 
-
 from ..errors import DataError
 from ..idx import check_idx_pair
 from . import DataSet, Splits, register_dataset

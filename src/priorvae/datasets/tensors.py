@@ -11,7 +11,8 @@
   ``split_seed``: the test split (``test_fraction``, default 0.1), then the validation split
   (``val_fraction``, default 0.1).
 - Shapes: images (N, C, H, W); (N, H, W, C) is accepted when unambiguous (last axis 1, 3 or 4,
-  second not) or with ``layout = "nhwc"``; (N, H, W) is one channel; vectors (N, D).
+  second not) or with ``layout = "nhwc"``; when both read as channels, ``layout`` must say
+  which; (N, H, W) is one channel; vectors (N, D).
 - ``value_type``: inferred when not given: uint8 -> ``8bit`` (divided by 255), booleans or
   only 0/1 -> ``binary``, floats in [0, 1] -> ``intensity``, else ``real``.
 - Labels: integers (N,); ``n_classes`` = largest label + 1 unless given.
@@ -67,8 +68,11 @@ def to_images(x: np.ndarray, layout: str, where: str) -> np.ndarray:
     if x.ndim == 3:
         return x[:, None]
     if x.ndim == 4:
-        nhwc = layout == "nhwc" or (layout == "auto" and x.shape[3] in (1, 3, 4)
-                                    and x.shape[1] not in (1, 3, 4))
+        channels_last, channels_first = x.shape[3] in (1, 3, 4), x.shape[1] in (1, 3, 4)
+        if layout == "auto" and channels_last and channels_first:
+            raise DataError(f"{where}: an array of shape {x.shape} could be (N, C, H, W) or "
+                            f"(N, H, W, C); declare [data] layout = 'nchw' or 'nhwc'")
+        nhwc = layout == "nhwc" or (layout == "auto" and channels_last)
         return np.transpose(x, (0, 3, 1, 2)) if nhwc else x
     raise DataError(f"{where}: an array of shape {x.shape}; expected images (N, C, H, W), "
                     f"(N, H, W, C) or (N, H, W), or vectors (N, D)")

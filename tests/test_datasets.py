@@ -1,0 +1,317 @@
+"""Data sets: a contract test over every registered data set (each loaded from tiny files this
+test writes in the data set's own layout; nothing is downloaded), and bad input."""
+
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from priorvae.config import load_config
+from priorvae.data import input_shape, load_splits
+from priorvae.datasets import (
+    VALUE_TYPES,
+    DataSet,
+    Splits,
+    build_dataset,
+    list_datasets,
+    load_dataset,
+    register_dataset,
+)
+from priorvae.errors import ConfigError, DataError, PluginError
+
+
+def _idx(path, array, magic):
+    header = np.array([magic, *array.shape], dtype=">u4").tobytes()
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def write_fashion_mnist(root, n_train=10_004, n_test=6):
+    raw = root / "FashionMNIST" / "raw"
+    raw.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        _idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 256, (n, 28, 28)), 0x803)
+        _idx(raw / f"{prefix}-labels-idx1-ubyte", rng.integers(0, 10, (n,)), 0x801)
+    return {"root": str(root), "download": False}
+
+
+def write_static_mnist(root, n=(5, 3, 4)):
+    folder = root / "BinarizedMNIST"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for part, k in zip(("train", "valid", "test"), n, strict=True):
+        rows = rng.integers(0, 2, (k, 784))
+        text = "\n".join(" ".join(map(str, r)) for r in rows) + "\n"
+        (folder / f"binarized_mnist_{part}.amat").write_text(text)
+    return {"root": str(root), "download": False}
+
+
+def write_omniglot(root, n_train=12, n_test=4):
+    from scipy.io import savemat
+
+    (root / "Omniglot").mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    savemat(root / "Omniglot" / "chardata.mat",
+            {"data": rng.random((784, n_train)), "testdata": rng.random((784, n_test))})
+    return {"root": str(root), "download": False, "n_validation": 3}
+
+
+def write_cifar10(root, per_batch=4, n_test=3):
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for name, n in [*((f"data_batch_{i}", per_batch) for i in range(1, 6)), ("test_batch", n_test)]:
+        entry = {"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                 "labels": [int(v) for v in rng.integers(0, 10, n)]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f)
+    return {"root": str(root), "download": False, "n_validation": 5}
+
+
+def write_tensors(root):
+    x = np.random.default_rng(0).integers(0, 256, (40, 8, 8, 3), dtype=np.uint8)  # NHWC
+    np.save(root / "x.npy", x)
+    return {"path": str(root / "x.npy")}
+
+
+def write_image_folder(root):
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for label in ("circles", "squares"):
+        (root / "imgs" / label).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(rng.integers(0, 256, (6, 5, 3), dtype=np.uint8)).save(
+                root / "imgs" / label / f"{i}.png")
+    return {"path": str(root / "imgs")}
+
+
+# name -> (writer of tiny files returning the [data] keys, expected shape, labelled)
+FIXTURES = {
+    "digits": (lambda root: {}, (1, 8, 8), True),
+    "fashion_mnist": (write_fashion_mnist, (1, 28, 28), True),
+    "static_mnist": (write_static_mnist, (1, 28, 28), False),
+    "omniglot": (write_omniglot, (1, 28, 28), False),
+    "cifar10": (write_cifar10, (3, 32, 32), True),
+    "tensors": (write_tensors, (3, 8, 8), False),
+    "image_folder": (write_image_folder, (3, 6, 5), True),
+}
+
+
+@pytest.mark.parametrize("name", list_datasets())
+def test_every_data_set_loads_with_its_declared_shape_and_value_type(name, tmp_path,
+                                                                     request):
+    if name == "mnist":
+        kwargs, shape, labelled = ({"root": str(request.getfixturevalue("mnist_root")),
+                                    "download": False}, (1, 28, 28), True)
+    else:
+        assert name in FIXTURES, f"add tiny files for data set {name!r} to FIXTURES"
+        writer, shape, labelled = FIXTURES[name]
+        kwargs = writer(tmp_path)
+    dataset = build_dataset(name, **kwargs)
+    assert isinstance(dataset, DataSet) and dataset.value_type in VALUE_TYPES
+    s = load_dataset(dataset)
+    assert isinstance(s, Splits) and s.name == name
+    assert s.input_shape == shape == dataset.input_shape()
+    assert s.value_type == dataset.value_type
+    for part in ("train", "val", "test"):
+        x, y = getattr(s, f"x_{part}"), getattr(s, f"y_{part}")
+        assert x.dtype == torch.float32 and x.shape[1:] == shape and len(x) > 0
+        assert (y is not None) == labelled
+        if labelled:
+            assert y.dtype == torch.long and y.shape == (len(x),)
+            assert 0 <= y.min() and y.max() < s.n_classes
+    if not labelled:
+        assert s.n_classes is None
+    if dataset.shape is not None:
+        assert tuple(dataset.shape) == shape
+    if name in ("mnist", "fashion_mnist"):  # fixed slices (tests/test_data.py); slow to read
+        return
+    # the same files give the same splits
+    again = load_dataset(build_dataset(name, **kwargs))
+    assert torch.equal(again.x_val, s.x_val) and torch.equal(again.x_test, s.x_test)
+
+
+def test_static_mnist_is_binary_and_keeps_file_order(tmp_path):
+    write_static_mnist(tmp_path)
+    s = load_dataset(build_dataset("static_mnist", root=str(tmp_path), download=False))
+    first = (tmp_path / "BinarizedMNIST" / "binarized_mnist_train.amat").read_text().split("\n")[0]
+    assert s.x_train[0].flatten().tolist() == [float(v) for v in first.split()]
+    assert (len(s.x_train), len(s.x_val), len(s.x_test)) == (5, 3, 4)
+    assert s.value_type == "binary"
+
+
+def test_omniglot_images_are_read_column_major_and_split_by_seed(tmp_path):
+    from scipy.io import loadmat
+
+    write_omniglot(tmp_path)
+    raw = loadmat(tmp_path / "Omniglot" / "chardata.mat")
+    s = load_dataset(build_dataset("omniglot", root=str(tmp_path), download=False,
+                                   n_validation=3))
+    assert (len(s.x_train), len(s.x_val), len(s.x_test)) == (9, 3, 4)
+    # the reference code: data.T.reshape((-1, 28, 28)).reshape((-1, 784), order='F')
+    ref = raw["testdata"].T.reshape((-1, 28, 28)).reshape((-1, 784), order="F")
+    assert np.allclose(s.x_test.reshape(4, 784).numpy(), ref)
+    other = load_dataset(build_dataset("omniglot", root=str(tmp_path), download=False,
+                                       n_validation=3, split_seed=1))
+    assert not torch.equal(other.x_val, s.x_val)
+
+
+def test_cifar10_pickles_may_not_run_code(tmp_path):
+    write_cifar10(tmp_path)
+    with open(tmp_path / "cifar-10-batches-py" / "data_batch_1", "wb") as f:
+        pickle.dump({"data": np.zeros((4, 3072), np.uint8), "labels": print}, f)
+    with pytest.raises(DataError, match="data_batch_1 is not a CIFAR-10 batch.*refusing"):
+        load_dataset(build_dataset("cifar10", root=str(tmp_path), download=False))
+
+
+def test_tensors_layouts_labels_and_value_types(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.random((30, 5)).astype(np.float32) * 4 - 2  # real vectors
+    y = rng.integers(0, 3, 30)
+    np.savez(tmp_path / "v.npz", x=x, y=y)
+    s = load_dataset(build_dataset("tensors", path=str(tmp_path / "v.npz")))
+    assert s.input_shape == (5,) and s.value_type == "real" and s.n_classes == 3
+    assert (len(s.x_train), len(s.x_val), len(s.x_test)) == (24, 3, 3)
+    # every example lands in exactly one split, with its label
+    together = torch.cat([s.x_train, s.x_val, s.x_test])
+    assert sorted(map(tuple, together.tolist())) == sorted(map(tuple, x.tolist()))
+    # separate files, a .pt dict, grey levels in [0, 1], (N, H, W)
+    torch.save({"x": torch.rand(10, 4, 4)}, tmp_path / "train.pt")
+    np.save(tmp_path / "test.npy", np.random.default_rng(1).random((3, 4, 4)))
+    s = load_dataset(build_dataset("tensors", train=str(tmp_path / "train.pt"),
+                                   test=str(tmp_path / "test.npy"), val_fraction=0.2))
+    assert s.input_shape == (1, 4, 4) and s.value_type == "intensity"
+    assert (len(s.x_train), len(s.x_val), len(s.x_test)) == (8, 2, 3) and s.y_train is None
+    # uint8 NHWC -> 8bit NCHW, values k/255
+    img = np.random.default_rng(2).integers(0, 256, (12, 5, 5, 3), dtype=np.uint8)
+    np.save(tmp_path / "img.npy", img)
+    s = load_dataset(build_dataset("tensors", path=str(tmp_path / "img.npy")))
+    assert s.input_shape == (3, 5, 5) and s.value_type == "8bit"
+    assert torch.equal((together := torch.cat([s.x_train, s.x_val, s.x_test]) * 255).round(),
+                       together)
+    # a declared value type is checked against the values
+    with pytest.raises(DataError, match="declared intensity values must lie in \\[0, 1\\]"):
+        load_dataset(build_dataset("tensors", path=str(tmp_path / "v.npz"),
+                                   value_type="intensity"))
+
+
+def _one_line(exc_info) -> str:
+    msg = str(exc_info.value)
+    assert "\n" not in msg, msg
+    return msg
+
+
+@pytest.mark.parametrize(("array", "match"), [
+    (np.zeros(10, np.float32), "an array of shape \\(10,\\); expected images"),
+    (np.zeros((4, 2, 3, 3, 3), np.float32), "an array of shape \\(4, 2, 3, 3, 3\\)"),
+    (np.array([[0.0, np.nan]] * 10, np.float32), "the train split holds 8 NaN or infinite values"),
+    (np.array([[0.0, np.inf]] * 10, np.float32), "NaN or infinite"),
+    (np.array([["a", "b"]] * 10), "examples must be numbers"),
+    (np.zeros((10, 3, 5, 4), np.uint8), "could be \\(N, C, H, W\\) or \\(N, H, W, C\\); declare"),
+])
+def test_bad_arrays_are_one_line(tmp_path, array, match):
+    np.save(tmp_path / "bad.npy", array)
+    with pytest.raises(DataError, match=match) as info:
+        load_dataset(build_dataset("tensors", path=str(tmp_path / "bad.npy")))
+    _one_line(info)
+
+
+def test_bad_files_and_labels_are_one_line(tmp_path):
+    with pytest.raises(DataError, match="file not found") as info:
+        load_dataset(build_dataset("tensors", path=str(tmp_path / "nope.npy")))
+    _one_line(info)
+    np.savez(tmp_path / "short.npz", x=np.zeros((10, 3), np.float32), y=np.zeros(9, np.int64))
+    with pytest.raises(DataError, match="10 examples but labels of shape \\(9,\\)") as info:
+        load_dataset(build_dataset("tensors", path=str(tmp_path / "short.npz")))
+    _one_line(info)
+    np.savez(tmp_path / "floaty.npz", x=np.zeros((10, 3), np.float32), y=np.zeros(10))
+    with pytest.raises(DataError, match="labels must be integers"):
+        load_dataset(build_dataset("tensors", path=str(tmp_path / "floaty.npz")))
+    (tmp_path / "junk.npy").write_bytes(b"not numpy")
+    with pytest.raises(DataError, match="junk.npy cannot be read as .npy") as info:
+        load_dataset(build_dataset("tensors", path=str(tmp_path / "junk.npy")))
+    _one_line(info)
+    (tmp_path / "x.csv").write_text("1,2\n")
+    with pytest.raises(DataError, match="reads .npy, .npz or .pt files"):
+        load_dataset(build_dataset("tensors", path=str(tmp_path / "x.csv")))
+    with pytest.raises(DataError, match="not found and download is off") as info:
+        load_dataset(build_dataset("static_mnist", root=str(tmp_path), download=False))
+    _one_line(info)
+    write_static_mnist(tmp_path / "s")
+    (tmp_path / "s" / "BinarizedMNIST" / "binarized_mnist_test.amat").write_text("0 1 1\n")
+    with pytest.raises(DataError, match="3 values on 1 lines, expected 784 per line"):
+        load_dataset(build_dataset("static_mnist", root=str(tmp_path / "s"), download=False))
+
+
+def test_image_folder_mixed_sizes_and_unreadable_files(tmp_path):
+    from PIL import Image
+
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    for i, size in enumerate([(5, 6), (5, 6), (7, 6), (5, 6)]):
+        Image.fromarray(np.full(size, 40 * i, np.uint8)).save(folder / f"{i}.png")
+    with pytest.raises(DataError, match="images of different sizes .*2.png is 7x6.*"
+                                        "declare \\[data\\] size") as info:
+        load_dataset(build_dataset("image_folder", path=str(folder)))
+    _one_line(info)
+    s = load_dataset(build_dataset("image_folder", path=str(folder), size=[4, 3]))
+    assert s.input_shape == (1, 4, 3) and s.value_type == "8bit" and s.y_train is None
+    (folder / "9.png").write_bytes(b"not a png")
+    with pytest.raises(DataError, match="9.png is not a readable image") as info:
+        load_dataset(build_dataset("image_folder", path=str(folder), size=4))
+    _one_line(info)
+    with pytest.raises(DataError, match="image folder not found"):
+        load_dataset(build_dataset("image_folder", path=str(tmp_path / "none")))
+
+
+def test_config_keeps_a_data_sets_own_keys_and_refuses_unknown_ones(tmp_path):
+    write_tensors(tmp_path)
+    cfg = load_config(None, ["data.name=tensors", f"data.path='{tmp_path / 'x.npy'}'",
+                             "data.val_fraction=0.2"])
+    assert cfg.data.kwargs == {"path": str(tmp_path / "x.npy"), "val_fraction": 0.2}
+    assert cfg.to_dict()["data"]["val_fraction"] == 0.2
+    assert input_shape(cfg.data) == (3, 8, 8)
+    with pytest.raises(PluginError, match="unknown argument\\(s\\) 'val_fractoin'.*accepts"):
+        load_splits(load_config(None, ["data.name=tensors", "data.path=x.npy",
+                                       "data.val_fractoin=0.2"]).data)
+    with pytest.raises(ConfigError, match="\\[data\\] name must be one of .*did you mean "
+                                          "'tensors'"):
+        load_config(None, ["data.name=tensor"])
+    with pytest.raises(ConfigError, match="needs either path = FILE or train = FILE"):
+        build_dataset("tensors")
+
+
+def test_a_user_data_set_registers_and_is_checked():
+    @register_dataset("tiny_test_vectors")
+    class Tiny(DataSet):
+        value_type = "intensity"
+        shape = (3,)
+
+        def load(self):
+            x = torch.rand(6, 3)
+            return Splits(self.name, x, None, x, None, x * 2, None, self.value_type)
+
+    with pytest.raises(DataError, match="declared intensity values must lie in \\[0, 1\\], "
+                                        "the test split has values in"):
+        load_dataset(build_dataset("tiny_test_vectors"))
+    with pytest.raises(PluginError, match="already registered"):
+        register_dataset("tiny_test_vectors")(type("Other", (Tiny,), {}))
+    with pytest.raises(PluginError, match="value_type must be one of"):
+        register_dataset("tiny_bad")(type("Bad", (DataSet,), {"value_type": "floats"}))
+
+
+def test_a_likelihood_that_does_not_suit_the_values_is_refused_before_writing(tmp_path,
+                                                                            capsys):
+    from conftest import tiny_toml
+    from priorvae.cli import main
+
+    np.save(tmp_path / "real.npy", np.random.default_rng(0).normal(size=(40, 6)) * 3)
+    config = tiny_toml(tmp_path / "c.toml", data={"name": "tensors",
+                                                  "path": str(tmp_path / "real.npy")})
+    run = tmp_path / "run"
+    assert main(["train", str(config), "--out", str(run), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "bernoulli" in err and "real values" in err, err
+    assert not run.exists()
