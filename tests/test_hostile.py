@@ -346,13 +346,18 @@ def test_damaged_mnist_files_are_named(tmp_path, capsys, case):
 
 def test_a_corrupt_classifier_cache_is_one_line(run_dir, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    from priorvae import quality
+    from priorvae.data import load_splits
+
+    monkeypatch.setattr(quality, "SHIPPED", {})  # digits' shipped classifier is not the cache
     cache = tmp_path / "cache" / "priorvae" / "classifiers"
     cache.mkdir(parents=True)
-    (cache / "digits.pt").write_bytes(b"not a checkpoint")
+    path = quality.classifier_cache_path(load_splits("digits"), cache)
+    path.write_bytes(b"not a checkpoint")
     before = (run_dir / "metrics.json").read_bytes()
     code, err = cli("evaluate", run_dir, "--quiet", capsys=capsys)
     assert code == 2 and "cached sample-quality classifier is unusable" in one_line(err)
-    assert str(cache / "digits.pt") in err
+    assert str(path) in err
     assert (run_dir / "metrics.json").read_bytes() == before
 
 

@@ -1,10 +1,21 @@
+import dataclasses
 import math
 
 import pytest
 import torch
 
 from priorvae.data import load_splits
-from priorvae.quality import class_entropy, features, frechet_distance, get_classifier
+from priorvae.datasets import Splits
+from priorvae.quality import (
+    SHIPPED,
+    class_entropy,
+    classifier_digest,
+    classifier_unavailable,
+    features,
+    frechet_distance,
+    get_classifier,
+    shipped_classifier_path,
+)
 
 
 def test_frechet_distance_closed_form_for_diagonal_gaussians():
@@ -24,18 +35,59 @@ def test_class_entropy_extremes():
     assert class_entropy(torch.eye(10)[[3] * 50]) == pytest.approx(0.0, abs=1e-9)
 
 
-def test_digits_classifier_is_cached_and_accurate(tmp_path):
-    splits = load_splits("digits")
+def test_a_classifier_is_trained_cached_and_accurate_for_data_without_shipped_weights(
+        tmp_path):
+    splits = dataclasses.replace(load_splits("digits"), name="digits_elsewhere")
     clf = get_classifier(splits, tmp_path)
-    assert (tmp_path / "digits.pt").is_file()
+    assert clf.origin == "trained"
+    cached = list(tmp_path.glob("digits_elsewhere-*.pt"))
+    assert len(cached) == 1
     feats, probs = features(clf, splits.x_test)
     assert feats.shape == (300, 64) and probs.shape == (300, 10)
     assert (probs.argmax(1) == splits.y_test).float().mean() > 0.8  # binarized 8x8 digits
     state = torch.get_rng_state()
     again = get_classifier(splits, tmp_path)  # from the cache, identical
+    assert again.origin == "cached"
     assert torch.equal(state, torch.get_rng_state()), "loading must not move the global RNG"
     torch.testing.assert_close(features(again, splits.x_test)[0], feats)
     # test images are closer to test images than to noise
     noise = torch.bernoulli(torch.full_like(splits.x_test, 0.3))
     real = frechet_distance(features(clf, splits.x_val)[0], feats)
     assert real < frechet_distance(features(clf, noise)[0], feats)
+
+
+def _fake_splits(name, shape, classes, labelled=True):
+    x = torch.rand(20, *shape)
+    y = torch.arange(20) % classes if labelled else None
+    return Splits(name, x, y, x, y, x, y, "intensity", classes if labelled else None)
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED))
+def test_shipped_classifiers_load_with_their_recorded_digest(name, tmp_path):
+    path = shipped_classifier_path(name)
+    assert path.is_file() and path.stat().st_size < 1_000_000  # small: package data
+    recorded = torch.load(path, weights_only=True)
+    assert recorded["digest"] == SHIPPED[name]
+    shape = {"digits": (1, 8, 8), "mnist": (1, 28, 28)}[name]
+    clf = get_classifier(_fake_splits(name, shape, 10), tmp_path)
+    assert clf.origin == "shipped" and classifier_digest(clf) == SHIPPED[name]
+    assert not list(tmp_path.iterdir())  # nothing trained, nothing cached
+
+
+def test_shipped_digits_classifier_recognises_the_test_digits():
+    splits = load_splits("digits")
+    clf = get_classifier(splits, None)
+    assert clf.origin == "shipped"
+    _, probs = features(clf, splits.x_test)
+    assert (probs.argmax(1) == splits.y_test).float().mean() > 0.8
+
+
+def test_data_without_labels_has_no_classifier_and_says_why(tmp_path):
+    splits = _fake_splits("tensors", (5,), 3, labelled=False)
+    assert get_classifier(splits, tmp_path) is None
+    assert classifier_unavailable(splits).startswith("no labels: data set 'tensors' has none")
+    # labels with their class count from the data set, on vectors
+    labelled = _fake_splits("tensors", (5,), 3)
+    assert classifier_unavailable(labelled) is None
+    clf = get_classifier(labelled, tmp_path, epochs=1)
+    assert features(clf, labelled.x_test)[1].shape == (20, 3)

@@ -27,9 +27,12 @@ __all__ = [
     "binarize",
     "iterate_batches",
     "BINARIZE_SEED",
+    "BINARIZED_TYPES",
 ]
 
 BINARIZE_SEED = 1234  # seed of the one-off binarization of validation and test
+# value types whose held-out splits are binarized (and whose training batches are)
+BINARIZED_TYPES = ("binary", "intensity", "8bit")
 
 
 def input_shape(data) -> tuple[int, ...]:
@@ -71,7 +74,7 @@ def load_splits(
     dataset = build_dataset(name, root=root, download=download) if isinstance(name, str) \
         else build_dataset(name)
     splits = load_dataset(dataset)
-    if splits.value_type != "real":
+    if splits.value_type in BINARIZED_TYPES:
         splits.x_val = _binarize_once(splits.x_val, BINARIZE_SEED)
         splits.x_test = _binarize_once(splits.x_test, BINARIZE_SEED + 1)
     return splits.to(device)

@@ -21,7 +21,12 @@ from .data import load_splits
 from .errors import RunError
 from .measure import diagnose, mean_elbo, mean_iwae_nlls
 from .metrics_schema import SUMMARY_KEYS
-from .quality import classifier_cache_dir, classifier_digest, get_classifier
+from .quality import (
+    classifier_cache_dir,
+    classifier_digest,
+    classifier_unavailable,
+    get_classifier,
+)
 from .runs import EVALUATION_KEYS, FINISHED, TRAINED, Run, file_sha256, resolve_device
 from .sanity import absurd, non_finite, warn
 
@@ -44,7 +49,8 @@ def write_figures(extras: dict, prior, run: Run, folder: str, title: str = "", w
     figs = {
         "samples": samples_figure(extras["x_prior"], extras["x_agg"], extras["x_orig"],
                                   extras["x_recon"], title),
-        "latent_atlas": latent_atlas(extras["mu_heldout"][:5000], extras["labels"][:5000],
+        "latent_atlas": latent_atlas(extras["mu_heldout"][:5000],
+                                     None if extras["labels"] is None else extras["labels"][:5000],
                                      extras["z_prior"][:2000], prior, extras["agg"],
                                      extras["threshold"], title),
         "log_q_histogram": log_q_histogram(extras["log_q_prior"], extras["log_q_posterior"],
@@ -195,6 +201,7 @@ def evaluate_sources(run_dir: str | Path, prior_sources: list[str] | tuple[str, 
                            f"smaller --iw-samples or --limit")
         # one classifier for every source's fd_* and feature_* (loaded or trained once; it
         # draws from its own generator, so the sources' random states are untouched)
+        # (none for data without labels: the feature measures are skipped, with the reason)
         classifier = (get_classifier(splits, classifier_cache_dir(), progress=progress)
                       if diagnostics else None)
         out = {}
@@ -202,7 +209,7 @@ def evaluate_sources(run_dir: str | Path, prior_sources: list[str] | tuple[str, 
             for (k, lim), group in plans.items():
                 x = splits.x_test if lim is None else splits.x_test[:lim]
                 _evaluate_group(run, model, splits, best, group, x, k, classifier,
-                                n_diagnostic, progress, dev, out, hparam_keys)
+                                n_diagnostic, progress, dev, out, hparam_keys, diagnostics)
         finally:
             model.prior = trained_prior
         return out
@@ -221,7 +228,8 @@ def _set_rng_state(state: tuple, dev: torch.device) -> None:
 
 def _evaluate_group(run: Run, model, splits, best: dict, group: list[dict], x: torch.Tensor,
                     k: int, classifier, n_diagnostic: int, progress: bool,
-                    dev: torch.device, out: dict, hparam_keys=None) -> None:
+                    dev: torch.device, out: dict, hparam_keys=None,
+                    diagnostics: bool = True) -> None:
     """The sources of ``group`` at K = ``k`` on the images ``x``: one shared IWAE pass; the
     random state each step starts from is the one a separate evaluation of each would have
     (seed, ELBO, IWAE, diagnostics), so sharing changes no number."""
@@ -264,12 +272,16 @@ def _evaluate_group(run: Run, model, splits, best: dict, group: list[dict], x: t
         if getattr(prior, "estimated_normalizer", False):
             # the NLL includes a Monte-Carlo log Z: its standard error goes next to it
             results["log_normalizer_stderr"] = prior.log_normalizer_stderr()
-        if classifier is not None:  # diagnostics asked for
+        if diagnostics:
             metrics, extras = diagnose(model, splits, classifier, n=n_diagnostic,
                                        n_log_prob=plan["n_log_prob"])
             results.update(metrics, diagnostic_points=n_diagnostic,
-                           log_prob_points=plan["n_log_prob"],
-                           quality_classifier=classifier_digest(classifier))
+                           log_prob_points=plan["n_log_prob"])
+            if classifier is not None:  # which classifier: "shipped" weights compare anywhere
+                results.update(quality_classifier=classifier_digest(classifier),
+                               quality_classifier_origin=classifier.origin)
+            else:
+                results["feature_measures_skipped"] = classifier_unavailable(splits)
             extras["hole_rate"] = metrics["hole_rate"]
             _figures_and_tensorboard(run, model, splits, extras, results, label, hparam_keys)
         # this source's own work plus the whole shared pass: what it costs evaluated alone
@@ -341,12 +353,15 @@ def _figures_and_tensorboard(run: Run, model, splits, extras, results, prior_sou
         if trained:
             n_emb = min(2000, len(splits.x_test))
             points, tag = projector_points(extras["mu_heldout"][:n_emb].cpu())
+            # labels as metadata when there are any; thumbnails for grey or colour images
+            x = splits.x_test[:n_emb].cpu()
             # evaluating again rewrites the same step's files: TensorBoard's warning about an
             # existing folder is expected then and says nothing wrong
             with contextlib.redirect_stdout(io.StringIO()):
                 run.add_embedding(writer, points, tag=tag, step=step,
-                                  metadata=splits.y_test[:n_emb].cpu().tolist(),
-                                  label_img=splits.x_test[:n_emb].cpu())
+                                  metadata=None if splits.y_test is None
+                                  else splits.y_test[:n_emb].cpu().tolist(),
+                                  label_img=x if x.dim() == 4 and x.shape[1] in (1, 3) else None)
             writer.add_hparams(_hparams(cfg, hparam_keys or DEFAULT_HPARAM_KEYS),
                                {f"hparams/{key}": results[key] for key in SUMMARY_KEYS
                                 if results.get(key) is not None},

@@ -1,7 +1,11 @@
 """Pictures of prior samples against the aggregated posterior (matplotlib, saved as PNG).
 
+Images are shown as grids (grey or colour); vectors (N, D) as heat maps, one row per example
+and one column per dimension, on one colour scale for all panels of a figure.
+
 - :func:`samples_figure`: prior samples | aggregated-posterior samples | reconstructions.
-- :func:`latent_atlas`: posterior means coloured by label with prior samples overlaid; exact
+- :func:`latent_atlas`: posterior means coloured by label (one colour, said in the title, when
+  the data has no labels) with prior samples overlaid; exact
   for latent_dim 2 (with contours of log p(z) and log q(z) and the holes shaded: where
   log q(z) falls below the hole threshold), the PCA plane of the posterior means otherwise.
 - :func:`log_q_histogram`: log q(z) for prior samples against posterior samples of held-out
@@ -24,23 +28,52 @@ __all__ = ["samples_figure", "latent_atlas", "log_q_histogram", "hole_score_figu
 
 
 def grid_image(images: torch.Tensor, nrow: int = 8):
-    """(N, C, H, W) in [0, 1] -> (H', W') or (H', W', 3) array for imshow."""
+    """(N, C, H, W) in [0, 1] -> (H', W') or (H', W', 3) array for imshow; vectors (N, D)
+    -> the (N, D) array itself (a heat map, one row per example)."""
+    if images.dim() == 2:
+        return images.float().cpu().numpy()
     grid = make_grid(images.float().clamp(0, 1).cpu(), nrow=nrow, pad_value=1.0)
     return grid[0].numpy() if grid.shape[0] in (1, 3) and images.shape[1] == 1 else \
         grid.permute(1, 2, 0).numpy()
 
 
+def _value_range(*panels: torch.Tensor) -> tuple[float, float]:
+    """(low, high) for a shared colour scale: [0, 1] for images, the 1st-99th percentiles of
+    every panel's values for vectors."""
+    if panels[0].dim() != 2:
+        return 0.0, 1.0
+    values = torch.cat([p.float().flatten().cpu() for p in panels])
+    values = values[torch.randperm(len(values), generator=torch.Generator().manual_seed(0))
+                    [:100_000]]  # a fixed subset: the global random state is not touched
+    low, high = torch.quantile(values, 0.01).item(), torch.quantile(values, 0.99).item()
+    return low, max(high, low + 1e-6)
+
+
+def _show(ax, images: torch.Tensor, nrow: int, value_range: tuple[float, float]) -> None:
+    low, high = value_range
+    if images.dim() == 2:  # vectors: one row per example
+        ax.imshow(grid_image(images), cmap="viridis", vmin=low, vmax=high, aspect="auto",
+                  interpolation="nearest")
+        ax.set_xlabel("dimension", fontsize=8)
+        ax.set_ylabel("example", fontsize=8)
+        ax.tick_params(labelsize=7)
+        return
+    ax.imshow(grid_image(images, nrow), cmap="gray", vmin=low, vmax=high)
+    ax.axis("off")
+
+
 def samples_figure(prior_images, aggregate_images, originals, reconstructions, title=""):
-    """Three panels of 64 images each (N, C, H, W) in [0, 1]; originals interleave recons."""
+    """Three panels of 64 images (N, C, H, W) in [0, 1] or vectors (N, D) each; originals
+    interleave reconstructions."""
     fig, axes = plt.subplots(1, 3, figsize=(13, 4.8))
     pairs = torch.stack([originals[:32], reconstructions[:32]], 1).flatten(0, 1)
     panels = [(prior_images[:64], "samples from the prior p(z)"),
               (aggregate_images[:64], "samples from the aggregated posterior q(z)"),
               (pairs, "test images | reconstructions")]
+    value_range = _value_range(*(imgs for imgs, _ in panels))
     for ax, (imgs, name) in zip(axes, panels, strict=True):
-        ax.imshow(grid_image(imgs, 8), cmap="gray", vmin=0, vmax=1)
+        _show(ax, imgs, 8, value_range)
         ax.set_title(name, fontsize=10)
-        ax.axis("off")
     if title:
         fig.suptitle(title)
     fig.tight_layout()
@@ -58,7 +91,8 @@ MAX_ATLAS_PRIOR_SAMPLES = 600  # enough to see where the prior puts mass, few en
 
 @torch.no_grad()
 def latent_atlas(mu, labels, prior_z, prior=None, agg=None, threshold=None, title=""):
-    """Posterior means (N, D) coloured by ``labels`` (N,), prior samples (M, D) overlaid."""
+    """Posterior means (N, D) coloured by ``labels`` (N,) (None: one colour, said in the
+    title), prior samples (M, D) overlaid."""
     d = mu.shape[1]
     fig, ax = plt.subplots(figsize=(7, 6.2))
     if d == 2:
@@ -88,15 +122,20 @@ def latent_atlas(mu, labels, prior_z, prior=None, agg=None, threshold=None, titl
     pz = pz[:MAX_ATLAS_PRIOR_SAMPLES]
     ax.scatter(pz[:, 0], pz[:, 1], c="k", marker="o", s=4, linewidths=0, alpha=0.45,
                label=f"{len(pz)} prior samples", zorder=2)
-    sc = ax.scatter(pts[:, 0], pts[:, 1], c=labels.cpu(), cmap="tab10", s=5, linewidths=0,
-                    alpha=0.8, zorder=3)
+    if labels is not None:
+        sc = ax.scatter(pts[:, 0], pts[:, 1], c=labels.cpu(), cmap="tab10", s=5, linewidths=0,
+                        alpha=0.8, zorder=3)
+        fig.colorbar(sc, ax=ax, label="label")
+    else:
+        ax.scatter(pts[:, 0], pts[:, 1], c="C0", s=5, linewidths=0, alpha=0.8, zorder=3,
+                   label="posterior means")
     ax.legend(loc="upper right", fontsize=8, markerscale=3)
-    fig.colorbar(sc, ax=ax, label="label")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     shaded = " (shaded: holes, log q(z) below threshold)" if d == 2 and threshold else ""
-    ax.set_title((title + "\n" if title else "") + "posterior means by label over prior "
-                 "samples (black)"
+    means = ("posterior means by label" if labels is not None
+             else "posterior means (no labels: one colour)")
+    ax.set_title((title + "\n" if title else "") + means + " over prior samples (black)"
                  + shaded, fontsize=9)
     fig.tight_layout()
     return fig
@@ -146,11 +185,11 @@ def hole_score_figure(best_images, best_scores, worst_images, worst_scores, auc=
              else "highest hole scores: in holes")
     panels = [(best_images, best_scores, "lowest hole scores: like q(z)"),
               (worst_images, worst_scores, worst)]
+    value_range = _value_range(best_images, worst_images)
     for ax, (imgs, scores, name) in zip(axes, panels, strict=True):
-        ax.imshow(grid_image(imgs, nrow), cmap="gray", vmin=0, vmax=1)
+        _show(ax, imgs, nrow, value_range)
         ax.set_title(f"{name}\nscore {scores.min().item():.2f} to {scores.max().item():.2f}",
                      fontsize=10)
-        ax.axis("off")
     what = "prior samples sorted by P(prior | z) of a classifier p(z) vs q(z)"
     if auc is not None:
         what += f" (held-out AUC {auc:.3f}" + (f" ± {noise:.3f} at p = q)" if noise else ")")

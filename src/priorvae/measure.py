@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .aggregate import AggregatedPosterior, encode_split
-from .data import Splits, iterate_batches
+from .data import BINARIZED_TYPES, Splits, iterate_batches
 from .diagnostics import active_units, elbo_surgery, hole_rate, kl_prior_to_agg, mmd
 from .quality import class_entropy, features, frechet_distance
 from .stop import check_stop
@@ -111,12 +111,16 @@ def diagnose(model: VAE, splits: Splits, classifier=None, n: int = 10_000,
     """All prior-vs-aggregated-posterior diagnostics of a trained model.
 
     q(z) is built from the training split (all of it, or its first ``train_subset`` images);
-    held-out images (default: the test split) give the hole threshold and the atlas. ``n``
+    held-out images (default: the test split) give the hole threshold and the atlas (labels:
+    ``heldout_labels``, default the test split's; None for data without labels). ``n``
     prior samples feed every measure; the two that need the prior's log-density (marginal KL,
     KL(p||q): Monte-Carlo means, so fewer points only add noise) use ``n_log_prob`` of them
     where that density is costly (default ``n``). The sample-based measures (Fréchet distance,
     k-NN precision/recall/coverage, classifier AUC) keep ``n``: they depend on the sample size,
     and rows evaluated with different sizes would not compare.
+
+    ``classifier`` None (data without labels, or not asked for): no fd_*, class_entropy_* or
+    feature_* measures.
 
     Returns:
         (metrics, extras): metrics are floats named as in metrics.json; extras hold what the
@@ -132,8 +136,9 @@ def _diagnose(model, splits, classifier, n, train_subset, heldout, heldout_label
     x_train = splits.x_train if train_subset is None else splits.x_train[:train_subset]
     held = splits.x_test if heldout is None else heldout
     labels = splits.y_test if heldout_labels is None else heldout_labels
-    mu_tr, lv_tr = encode_split(model.encoder, x_train)
-    mu_te, lv_te = encode_split(model.encoder, held)
+    seed = 0 if splits.value_type in BINARIZED_TYPES else None  # grey levels binarized once
+    mu_tr, lv_tr = encode_split(model.encoder, x_train, binarize_seed=seed)
+    mu_te, lv_te = encode_split(model.encoder, held, binarize_seed=seed)
     agg = AggregatedPosterior(mu_tr, lv_tr)
     metrics: dict = dict(elbo_surgery(mu_tr, lv_tr, model.prior, n_points=n_log_prob))
     metrics["kl_prior_to_agg"] = kl_prior_to_agg(model.prior, agg, n_log_prob)
@@ -172,8 +177,10 @@ def _diagnose(model, splits, classifier, n, train_subset, heldout, heldout_label
     extras["c2st_heldout"] = (len(c2st["hole_score"]), m_two - m_two // 2)  # (p, q) points
     if classifier is not None:
         f_ref, _ = features(classifier, held[:k])
-        f_prior, p_prior = features(classifier, torch.bernoulli(x_prior))
-        f_agg, p_agg = features(classifier, torch.bernoulli(x_agg))
+        # decoded means binarized like the held-out images they are compared with
+        observe = torch.bernoulli if splits.value_type in BINARIZED_TYPES else (lambda x: x)
+        f_prior, p_prior = features(classifier, observe(x_prior))
+        f_agg, p_agg = features(classifier, observe(x_agg))
         metrics["fd_prior"] = frechet_distance(f_prior, f_ref)
         metrics["fd_aggregate"] = frechet_distance(f_agg, f_ref)
         metrics["class_entropy_prior"] = class_entropy(p_prior)

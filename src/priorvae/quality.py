@@ -8,8 +8,14 @@ People judge samples by eye; these numbers stand in for that:
 - :func:`class_entropy`: entropy (nats) of the mean predicted class distribution; log 10 when
   the samples spread evenly over the 10 classes, near 0 when they collapse onto one.
 
-:func:`get_classifier` trains a small MLP on the data set's (dynamically binarized) training
-split once and caches it in the user cache (``~/.cache/priorvae/classifiers/NAME.pt``).
+:func:`get_classifier` gives the data set's classifier: for the built-in labelled sets the
+reference weights shipped in the package (``priorvae/classifiers/NAME.pt``, trained by
+:func:`_train_classifier` with seed 0 on one CPU thread; their digests in :data:`SHIPPED`), so
+fd_* and feature_* compare across machines; for other labelled data a small MLP trained on
+the training split (dynamically binarized when the values lie in [0, 1]) once and cached in
+the user cache (``~/.cache/priorvae/classifiers/NAME-FINGERPRINT.pt``). Data without labels
+has no classifier: :func:`classifier_unavailable` says why, and the feature measures are
+skipped with that reason.
 """
 
 from __future__ import annotations
@@ -20,24 +26,29 @@ import os
 from pathlib import Path
 
 import torch
-from einops import rearrange
 from torch import nn
 
-from .data import Splits, iterate_batches
+from .data import BINARIZED_TYPES, Splits, iterate_batches
 from .errors import DataError, RunError
 from .stop import check_stop
 
 __all__ = ["Classifier", "get_classifier", "classifier_cache_dir", "classifier_digest",
-           "frechet_distance", "class_entropy", "features"]
+           "classifier_unavailable", "classifier_cache_path", "shipped_classifier_path",
+           "SHIPPED", "frechet_distance", "class_entropy", "features"]
 
 FEATURES = 64
+# data set -> digest of the shipped reference classifier (priorvae/classifiers/NAME.pt)
+SHIPPED = {"digits": "1b0eb81f9149", "mnist": "453aa1ea8995"}
 
 
 class Classifier(nn.Module):
-    """MLP x (B, C, H, W) -> logits (B, classes); ``features`` is its last hidden layer."""
+    """MLP x (B, C, H, W) or (B, D) -> logits (B, classes); ``features`` is its last hidden
+    layer. ``origin``: ``"shipped"`` (the package's reference weights), ``"cached"`` or
+    ``"trained"`` (on this machine)."""
 
     def __init__(self, input_shape, classes: int = 10, hidden: int = 256):
         super().__init__()
+        self.origin = "trained"
         self.body = nn.Sequential(
             nn.Linear(math.prod(input_shape), hidden), nn.ReLU(),
             nn.Linear(hidden, FEATURES), nn.ReLU(),
@@ -45,7 +56,7 @@ class Classifier(nn.Module):
         self.head = nn.Linear(FEATURES, classes)
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(rearrange(x, "b c h w -> b (c h w)"))
+        return self.body(x.flatten(1))  # (B, ...) -> (B, prod(...))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x))
@@ -55,7 +66,8 @@ def _train_classifier(splits: Splits, epochs: int, seed: int = 0) -> tuple[Class
     gen = torch.Generator(device=splits.x_train.device).manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = Classifier(splits.input_shape).to(splits.x_train.device)
+        model = Classifier(splits.input_shape, splits.n_classes).to(splits.x_train.device)
+    binary = splits.value_type in BINARIZED_TYPES
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     n = len(splits.x_train)
     for _ in range(epochs):
@@ -63,7 +75,8 @@ def _train_classifier(splits: Splits, epochs: int, seed: int = 0) -> tuple[Class
         order = torch.randperm(n, device=splits.x_train.device, generator=gen)
         for start in range(0, n, 128):
             idx = order[start:start + 128]
-            x = torch.bernoulli(splits.x_train[idx], generator=gen)
+            x = splits.x_train[idx]
+            x = torch.bernoulli(x, generator=gen) if binary else x
             loss = nn.functional.cross_entropy(model(x), splits.y_train[idx])
             opt.zero_grad()
             loss.backward()
@@ -80,26 +93,75 @@ def classifier_cache_dir() -> Path:
     return Path(cache) / "priorvae" / "classifiers"
 
 
-def get_classifier(splits: Splits, cache_dir: str | Path | None, epochs: int | None = None,
-                   progress: bool = False) -> Classifier:
-    """The data set's classifier, trained once and cached in ``cache_dir`` (None: no cache)."""
-    path = Path(cache_dir) / f"{splits.name}.pt" if cache_dir else None
-    device = splits.x_train.device
-    if path is not None and os.path.lexists(path):
-        from .runs import load_checkpoint, load_weights
+def classifier_unavailable(splits: Splits) -> str | None:
+    """Why data set ``splits`` has no quality classifier (None: it has one)."""
+    if not splits.has_labels or not splits.n_classes:
+        return (f"no labels: data set {splits.name!r} has none, and fd_*, class_entropy_* and "
+                f"feature_* need a classifier trained on labelled examples")
+    if splits.n_classes < 2:
+        return f"one class: data set {splits.name!r} has a single label"
+    return None
 
-        damaged = "; delete it and it is trained again on the next evaluation"
-        try:
-            state = load_checkpoint(path, map_location=device)
-            with torch.random.fork_rng(devices=[]):  # building draws weights: keep the RNG
-                model = Classifier(splits.input_shape).to(device)
-            if not isinstance(state.get("model"), dict):
-                raise RunError(f"{path} is not a classifier (no model weights)")
-            load_weights(model, state["model"], path)
-        except RunError as exc:
-            raise DataError(f"the cached sample-quality classifier is unusable: {exc}"
-                            f"{damaged}") from None
-        return model.eval()
+
+def shipped_classifier_path(name: str) -> Path:
+    """The package's reference weights for data set ``name``."""
+    return Path(__file__).resolve().parent / "classifiers" / f"{name}.pt"
+
+
+def _fingerprint(splits: Splits) -> str:
+    digest = hashlib.sha256()
+    for t in (splits.x_train, splits.y_train):
+        digest.update(str(tuple(t.shape)).encode())
+        digest.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def classifier_cache_path(splits: Splits, cache_dir: str | Path) -> Path:
+    """Where the classifier trained for ``splits`` is cached: ``NAME-FINGERPRINT.pt`` (the
+    fingerprint: the training split's values and labels; ``-values`` when not binarized)."""
+    binary = splits.value_type in BINARIZED_TYPES
+    return Path(cache_dir) / f"{splits.name}-{_fingerprint(splits)}{'' if binary else '-values'}.pt"
+
+
+def _load(path: Path, splits: Splits, origin: str) -> Classifier:
+    device = splits.x_train.device
+    from .runs import load_checkpoint, load_weights
+
+    try:  # the checks of a run folder's files: no link followed, weights only, shapes
+        state = load_checkpoint(path, map_location=device)
+        with torch.random.fork_rng(devices=[]):  # building draws weights: keep the caller's RNG
+            model = Classifier(splits.input_shape, splits.n_classes).to(device)
+        if not isinstance(state.get("model"), dict):
+            raise RunError(f"{path} is not a classifier (no model weights)")
+        load_weights(model, state["model"], path)
+    except RunError as exc:
+        how = ("reinstall priorvae" if origin == "shipped"
+               else "delete it and it is trained again on the next evaluation")
+        raise DataError(f"the {origin} sample-quality classifier is unusable: {exc}; "
+                        f"{how}") from None
+    model.origin = origin
+    return model.eval()
+
+
+def get_classifier(splits: Splits, cache_dir: str | Path | None, epochs: int | None = None,
+                   progress: bool = False) -> Classifier | None:
+    """The data set's classifier: the shipped reference weights for the built-in sets
+    (:data:`SHIPPED`, when the held-out images are binarized as they were trained), else
+    trained once and cached in ``cache_dir`` (None: no cache). None when the data set has no
+    labels (:func:`classifier_unavailable` says why)."""
+    if classifier_unavailable(splits):
+        return None
+    binary = splits.value_type in BINARIZED_TYPES
+    shipped = shipped_classifier_path(splits.name)
+    if splits.name in SHIPPED and binary and shipped.is_file():
+        model = _load(shipped, splits, "shipped")
+        if classifier_digest(model) != SHIPPED[splits.name]:
+            raise DataError(f"{shipped} has digest {classifier_digest(model)}, expected "
+                            f"{SHIPPED[splits.name]}: the package is damaged; reinstall it")
+        return model
+    path = classifier_cache_path(splits, cache_dir) if cache_dir else None
+    if path is not None and os.path.lexists(path):
+        return _load(path, splits, "cached")
     epochs = epochs or (40 if len(splits.x_train) < 5000 else 5)
     if progress:
         print(f"training the {splits.name} classifier for sample quality ({epochs} epochs)...")
@@ -115,9 +177,9 @@ def get_classifier(splits: Splits, cache_dir: str | Path | None, epochs: int | N
 
 def classifier_digest(classifier: nn.Module) -> str:
     """The first 12 hex digits of the sha256 of the classifier's weights. Every fd_* and
-    feature_* number depends on the classifier, which each machine trains once (seeded, but
-    another thread count or CPU can round differently): numbers with different digests do not
-    compare exactly."""
+    feature_* number depends on the classifier: the shipped ones are the same everywhere; one
+    trained on a machine (seeded, but another thread count or CPU can round differently) may
+    differ between machines, and numbers with different digests do not compare exactly."""
     digest = hashlib.sha256()
     for name, tensor in sorted(classifier.state_dict().items()):
         digest.update(name.encode())
@@ -127,7 +189,7 @@ def classifier_digest(classifier: nn.Module) -> str:
 
 @torch.no_grad()
 def features(classifier: Classifier, x: torch.Tensor, batch_size: int = 1000):
-    """Feature vectors (N, F) and class probabilities (N, classes) of images x (N, C, H, W)."""
+    """Feature vectors (N, F) and class probabilities (N, classes) of examples x (N, ...)."""
     feats, probs = [], []
     for batch in iterate_batches(x, batch_size, shuffle=False, dynamic_binarization=False):
         f = classifier.features(batch)

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import Config, pin_plugins
-from .data import binarize, load_splits
+from .data import BINARIZED_TYPES, binarize, load_splits
 from .datasets import check_suits
 from .distributed import DistEnv, all_reduce_sum, broadcast_object, teardown, world_size
 from .distributed import setup as dist_setup
@@ -160,9 +160,15 @@ def global_mean_elbo(model: VAE, x: torch.Tensor, batch_size: int, env: DistEnv,
 
 
 def _image_grid(images: torch.Tensor, nrow: int, min_width: int = 256) -> torch.Tensor:
-    """(N, C, H, W) in [0, 1] -> one (C', H', W') grid, small images enlarged (nearest)."""
+    """(N, C, H, W) in [0, 1] -> one (C', H', W') grid, small images enlarged (nearest);
+    vectors (N, D) -> a (1, N', D') heat map, one row per example, scaled to [0, 1]."""
     from torchvision.utils import make_grid
 
+    if images.dim() == 2:
+        x = images.float().cpu()
+        x = (x - x.min()) / (x.max() - x.min()).clamp_min(1e-12)
+        scale = max(1, min_width // x.shape[1])
+        return x.repeat_interleave(scale, 1).repeat_interleave(4, 0)[None]
     images = images.float().clamp(0, 1).cpu()
     scale = max(1, min_width // (nrow * images.shape[-1]))
     if scale > 1:
@@ -266,7 +272,7 @@ def _train(cfg: Config, run_dir: Path, progress: bool, env: DistEnv,
     check_joint(cfg)
     splits = load_splits(cfg.data, device=device)
     # the likelihood must accept the data's values (today's is Bernoulli)
-    check_suits(splits.value_type, "bernoulli", ("binary", "intensity", "8bit"), cfg.data.name)
+    check_suits(splits.value_type, "bernoulli", BINARIZED_TYPES, cfg.data.name)
     torch.manual_seed(tc.seed)
     model = build_vae(cfg, splits.input_shape, data=splits.x_train).to(device)
     opt = make_optimizer(model.parameters(), tc.lr)
@@ -462,7 +468,8 @@ def _log_diagnostics(writer, model, splits, classifier, epoch, device) -> None:
     validation images held out, 2,000 samples), as TensorBoard scalars; RNG forked."""
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         metrics, _ = diagnose(model, splits, classifier, n=2000, train_subset=5000,
-                              heldout=splits.x_val[:2000], heldout_labels=splits.y_val[:2000])
+                              heldout=splits.x_val[:2000],
+                              heldout_labels=None if splits.y_val is None else splits.y_val[:2000])
     for key, value in metrics.items():
         writer.add_scalar(f"diagnostics/{key}", value, epoch)
 
