@@ -74,7 +74,7 @@ def main() -> None:
     dec *= codes / min(codes, 2_000_000)
     print(json.dumps({
         "bench": "full_test_nll", "run": args.run_dir or "fresh", "prior": cfg.prior.name,
-        "activation": cfg.model.activation, "images": len(x), "k": args.k,
+        "activation": cfg.network.kwargs.get("activation", "gated"), "images": len(x), "k": args.k,
         "threads": torch.get_num_threads(), "seconds": round(seconds, 1),
         "nll": round(nll, 3), "latent_codes_decoded": codes,
         "decoder_matmul_s": round(dec, 1), "decoder_matmul_share": round(dec / seconds, 3),

@@ -5,7 +5,10 @@ import pytest
 
 from priorvae.config import (
     TABLES,
+    DataConfig,
+    LegacyModelKeys,
     apply_overrides,
+    comparable,
     config_from_dict,
     dump_toml,
     load_config,
@@ -16,8 +19,13 @@ from priorvae.errors import ConfigError
 
 def test_defaults_match_the_paper_protocol():
     cfg = load_config()
-    assert cfg.model.hidden == [300, 300] and cfg.model.latent_dim == 40
-    assert cfg.model.activation == "gated"
+    assert cfg.model.latent_dim == 40
+    assert (cfg.data.name, cfg.likelihood.name, cfg.network.name) == ("mnist", "bernoulli", "mlp")
+    from priorvae.nets import build_networks
+
+    encoder, _ = build_networks(cfg.network, cfg.model, (1, 28, 28))
+    assert [m.out_features for m in encoder.modules() if hasattr(m, "out_features")][:2] \
+        == [300, 300]
     assert (cfg.train.batch_size, cfg.train.lr) == (100, 5e-4)
 
 
@@ -116,15 +124,17 @@ def bad_values(f: dataclasses.Field) -> list:
     return bad
 
 
-# [data] kwargs: the data set's own keys, checked by the data set (tests/test_datasets.py)
-FIELDS = [(table, f) for table, cls in TABLES.items() for f in dataclasses.fields(cls)
-          if f.name != "kwargs"]
+FIELDS = [(table, f) for table, cls in TABLES.items() for f in dataclasses.fields(cls)] + [
+    ("model", f) for f in dataclasses.fields(LegacyModelKeys)] + [  # old keys, still read
+    ("data", f) for f in dataclasses.fields(DataConfig) if f.name in ("root", "download")]
 
 
 @pytest.mark.parametrize(("table", "field"), FIELDS, ids=[f"{t}.{f.name}" for t, f in FIELDS])
 def test_every_field_rejects_values_outside_its_domain_in_one_line(table, field):
     default = config_from_dict({})
-    assert getattr(getattr(default, table), field.name) == getattr(TABLES[table](), field.name)
+    if table in TABLES and field in dataclasses.fields(TABLES[table]):
+        assert getattr(getattr(default, table), field.name) == \
+            getattr(TABLES[table](), field.name)
     for value in bad_values(field):
         if value is None and "None" in str(field.type):
             continue
@@ -166,3 +176,69 @@ def test_config_that_is_not_utf8_is_named(tmp_path):
     bad.write_bytes('[data]\nname = "d\xefgits"\n'.encode("latin-1"))
     with pytest.raises(ConfigError, match="is not UTF-8 text"):
         load_config(bad)
+
+
+# plug-in tables: [data] [likelihood] [network] [prior] share one shape --------------------------
+
+OLD_MODEL = {"family": "mlp", "hidden": [300, 300], "latent_dim": 40, "activation": "gated",
+             "logvar_min": -6.0, "logvar_max": 2.0, "channels": [32, 64]}
+
+
+def test_old_model_keys_move_to_network():
+    cfg = config_from_dict({"data": {"name": "mnist", "download": True}, "model": OLD_MODEL})
+    assert cfg.network.name == "mlp" and cfg.network.kwargs == {"hidden": [300, 300],
+                                                                "activation": "gated"}
+    assert (cfg.model.latent_dim, cfg.data.download, cfg.data.kwargs) == (40, True, {})
+    conv = config_from_dict({"model": {**OLD_MODEL, "family": "conv"}})
+    assert conv.network.name == "conv" and conv.network.kwargs["channels"] == [32, 64]
+    # the same run, whichever shape and whether defaults are written or not
+    new = config_from_dict({"network": {"name": "mlp"}, "model": {"latent_dim": 40}})
+    assert comparable(cfg) == comparable(new)
+    assert comparable(config_from_dict({"model": {"hidden": [8]}})) != comparable(new)
+    with pytest.raises(ConfigError, match=r"\[model\] hidden = \[8\] and \[network\] hidden = "
+                                          r"\[9\] disagree"):
+        config_from_dict({"model": {"hidden": [8]}, "network": {"hidden": [9]}})
+
+
+def test_plugin_tables_check_names_and_arguments():
+    with pytest.raises(ConfigError, match=r"^\[network\] .*'mpl'.*did you mean 'mlp'"):
+        config_from_dict({"network": {"name": "mpl"}})
+    with pytest.raises(ConfigError, match=r"^\[network\] 'mlp' got unknown argument\(s\) "
+                                          r"'channels'; it accepts: hidden, activation"):
+        config_from_dict({"network": {"name": "mlp", "channels": [3, 4]}})
+    with pytest.raises(ConfigError, match=r"^\[prior\] prior 'mog' got unknown argument\(s\) "
+                                          r"'n_component'; it accepts: n_components=10"):
+        config_from_dict({"prior": {"name": "mog", "n_component": 3}})
+    with pytest.raises(ConfigError, match=r"^\[data\] .*'digits' got unknown argument\(s\) "
+                                          r"'size'"):
+        config_from_dict({"data": {"name": "digits", "size": 3}})
+    data = config_from_dict({"data": {"name": "digits", "root": "/tmp", "download": False}}).data
+    assert (data.root, data.download, data.kwargs) == ("/tmp", False, {})
+
+
+def test_a_nested_argument_round_trips(tmp_path):
+    cfg = load_config(None, ['prior.name=resampled', 'prior.base=mog',
+                             'prior.base_args={ n_components = 3, "odd key" = 1.5 }'])
+    path = tmp_path / "c.toml"
+    path.write_text(dump_toml(cfg.to_dict()))
+    assert load_config(path).prior.kwargs["base_args"] == {"n_components": 3, "odd key": 1.5}
+
+
+def test_committed_run_folders_of_the_old_shape_still_open(tmp_path):
+    """experiments/results cells were written with [model] family/hidden/activation/channels:
+    their config.toml and the config recorded in best.pt still agree, in today's shape."""
+    from pathlib import Path
+
+    from priorvae.runs import Run
+
+    cell = Path(__file__).parents[1] / "experiments/results/mnist_remedies_e100/resampled-seed0"
+    if not (cell / "best.pt").is_file():
+        pytest.skip("the committed grid is not in this checkout")
+    run_dir = tmp_path / "cell"
+    run_dir.mkdir()
+    for name in ("config.toml", "best.pt", "metrics.json"):
+        (run_dir / name).write_bytes((cell / name).read_bytes())
+    run = Run.open(run_dir)
+    assert "family" in (run_dir / "config.toml").read_text()
+    assert run.config.network.name == "mlp" and run.config.network.kwargs["hidden"] == [300, 300]
+    assert "model" in run.load_checkpoint("best")

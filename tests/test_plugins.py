@@ -87,3 +87,21 @@ def test_file_spec_is_resolved_through_the_gate_and_checked(widgets, tmp_path):
         widgets.get(f"{tmp_path / 'nope.py'}:Mine")
     with pytest.raises(PluginError, match="changed since it was chosen"):
         widgets.get(f"{path}:Mine", sha256="0" * 64)
+
+
+def test_list_shows_every_kind_and_one_plugins_arguments(capsys):
+    from priorvae.cli import main
+    from priorvae.priors import list_priors
+    from priorvae.registry import KINDS
+
+    assert main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("]")[0] + "]" for line in lines] == [f"[{k}]" for k in KINDS]
+    assert lines[-1] == f"[prior] name = {' | '.join(list_priors())}"
+    assert main(["priors", "mog"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("mog: ") and "  n_components = 10" in out
+    assert main(["list", "priors", "vampprior"]) == 0
+    assert "given by priorvae: latent_dim, encoder, input_shape, data" in capsys.readouterr().out
+    assert main(["list", "prior", "nope"]) == 2
+    assert "no prior 'nope' is registered" in capsys.readouterr().err

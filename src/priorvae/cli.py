@@ -264,24 +264,58 @@ def _cmd_fit_prior(args) -> int:
 
 
 def _cmd_priors(args) -> int:
-    from .registry import list_priors
+    from .priors import PRIORS
 
-    for name in list_priors(args.pattern):
+    if args.pattern in PRIORS:  # one prior: its arguments
+        print("\n".join(PRIORS.describe(args.pattern)))
+        return 0
+    names = PRIORS.list(args.pattern)
+    if not names:
+        raise PriorVAEError(f"no prior matches {args.pattern!r}; registered: "
+                            f"{', '.join(PRIORS.list())}")
+    for name in names:
         print(name)
     return 0
 
 
+_KIND_WORDS = {"data": "data", "dataset": "data", "datasets": "data",
+               "likelihood": "likelihood", "likelihoods": "likelihood",
+               "network": "network", "networks": "network", "prior": "prior", "priors": "prior"}
+
+
+def _cmd_list(args) -> int:
+    from .config import _BUILTIN_ARGS
+    from .registry import KINDS, kind_registry
+
+    if args.kind is not None and args.kind not in _KIND_WORDS:
+        raise PriorVAEError(f"priorvae list takes one of {', '.join(KINDS)} (or a plural), "
+                            f"got {args.kind!r}")
+    kinds = [_KIND_WORDS[args.kind]] if args.kind else list(KINDS)
+    for kind in kinds:
+        registry = kind_registry(kind)
+        if args.name is not None:
+            if registry is None or args.name not in registry:
+                known = registry.list() if registry else list(_BUILTIN_ARGS[kind])
+                raise PriorVAEError(f"no {kind} {args.name!r} is registered; registered: "
+                                    f"{', '.join(known)}")
+            print("\n".join(registry.describe(args.name)))
+            continue
+        names = registry.list() if registry else list(_BUILTIN_ARGS[kind])
+        print(f"[{kind}] name = {' | '.join(names)}")
+    return 0
+
+
 DESCRIPTION = ("VAEs with pluggable priors. Commands: train, evaluate, compare, sample, "
-               "fit-prior, priors; 'priorvae COMMAND --help' describes each. Errors are one "
+               "fit-prior, priors, list; 'priorvae COMMAND --help' describes each. Errors are one "
                "line with exit code 2.")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="priorvae", description=DESCRIPTION)
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    trust = dict(action="store_true", help="allow prior code (a file or module) that the run "
-                 "folder names but you did not choose; only for folders whose author you trust "
-                 "(also PRIORVAE_TRUST_REMOTE_CODE=1)")
+    trust = dict(action="store_true", help="allow code (a file or module) that the run folder "
+                 "names but you did not choose (it is not in your trust record); only for "
+                 "folders whose author you trust (also PRIORVAE_TRUST_REMOTE_CODE=1)")
 
     t = sub.add_parser("train", help="train a VAE from a TOML config (resumes if interrupted)")
     t.add_argument("config", help="TOML file with [data] [model] [prior] [train] tables")
@@ -365,9 +399,16 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--trust-remote-code", **trust)
     f.set_defaults(func=_cmd_fit_prior)
 
-    r = sub.add_parser("priors", help="list the registered priors")
-    r.add_argument("pattern", nargs="?", default="*", help="glob, e.g. '*flow*'")
+    r = sub.add_parser("priors", help="list the registered priors, or show one's arguments")
+    r.add_argument("pattern", nargs="?", default="*",
+                   help="glob, e.g. '*flow*', or a prior's name (its arguments and defaults)")
     r.set_defaults(func=_cmd_priors)
+
+    li = sub.add_parser("list", help="what is registered for every plug-in kind (data sets, "
+                        "likelihoods, networks, priors), or one's arguments")
+    li.add_argument("kind", nargs="?", help="data | likelihood | network | prior")
+    li.add_argument("name", nargs="?", help="a registered name: its arguments and defaults")
+    li.set_defaults(func=_cmd_list)
     return p
 
 

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from .config import Config, PriorConfig, load_config, validate
+from .config import Config, PriorConfig, load_config, pin_plugins, validate
 from .errors import ConfigError, PriorVAEError, RunBusyError, RunError
 from .measure import DIAGNOSTIC_KEYS
 from .priors import PRIORS, pin_prior_spec
@@ -124,8 +124,11 @@ def grid(cfg: Config) -> list[tuple[str, Config]]:
                 run_cfg = replace(cfg, prior=PriorConfig(pinned, kwargs, sha),
                                   model=replace(cfg.model, latent_dim=dim),
                                   train=replace(cfg.train, seed=seed), extra={})
-                validate(run_cfg)
                 name = f"{short}-d{dim}-seed{seed}" if dims else f"{short}-seed{seed}"
+                try:
+                    validate(run_cfg)
+                except ConfigError as exc:
+                    raise ConfigError(f"grid cell {name}: {exc}") from None
                 runs.append((name, run_cfg))
     return runs
 
@@ -515,7 +518,9 @@ def run_compare(config_path: str | Path, overrides: list[str] | None = None,
     The whole grid is checked (every cell built) before anything is written. With
     ``report_only`` nothing is trained: the tables and figure are written from the cells
     finished so far (a grid in progress, or one whose processes are still running)."""
-    cfg = load_config(config_path, overrides)
+    # the user's choice: specs in [data] [likelihood] [network] pinned now, the priors by grid()
+    cfg = pin_plugins(load_config(config_path, overrides), tables=("data", "likelihood",
+                                                                     "network"))
     out = Path(out) if out else Path("runs") / f"{Path(config_path).stem}-compare"
     runs = grid(cfg)
     expost_names, expost_on = _expost_plan(cfg, runs)

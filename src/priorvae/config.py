@@ -1,9 +1,20 @@
-"""Configuration: dataclasses mirroring the TOML tables ``[data] [model] [prior] [train] [eval]``.
+"""Configuration: dataclasses mirroring the TOML tables
+``[data] [likelihood] [network] [model] [prior] [train] [eval]``.
 
 A config file is read with :func:`load_config`; ``--set section.key=value`` overrides are applied
 with :func:`apply_overrides` (the value is read as a TOML value, a bare word as a string).
-Unknown tables and keys are rejected by name, with the list of valid ones. The ``[prior]`` table
-holds ``name`` plus the prior's own keyword arguments, which the prior registry validates.
+Unknown tables and keys are rejected by name, with the list of valid ones.
+
+The plug-in tables ``[data]``, ``[likelihood]``, ``[network]`` and ``[prior]`` share one shape
+(:class:`PluginConfig`): ``name`` (a registered name, or a ``file.py:Class`` / ``module:Class``
+spec) plus the plug-in's own keyword arguments, which that kind's registry validates against
+the class's ``__init__`` (an unknown name gets close matches, an unknown argument the list of
+accepted ones). ``[model]`` keeps what every network family shares (``latent_dim``, the
+encoder's log-variance bounds).
+
+``[data]`` also has the keys every data set shares: ``root`` and ``download``.
+Files written before the plug-in tables existed still open: their ``[model] family / hidden /
+activation / channels`` move to ``[network]`` when read (:func:`migrate`).
 Tables that other commands own (``[compare]``) are kept aside and ignored by ``train``.
 """
 
@@ -23,10 +34,13 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-from .errors import ConfigError
+from .errors import ConfigError, PluginError
 
 __all__ = [
+    "PluginConfig",
     "DataConfig",
+    "LikelihoodConfig",
+    "NetworkConfig",
     "ModelConfig",
     "PriorConfig",
     "TrainConfig",
@@ -41,6 +55,9 @@ __all__ = [
     "validate_value",
     "describe",
     "TABLES",
+    "PLUGIN_TABLES",
+    "migrate",
+    "comparable",
     "plugin_tables",
     "pin_plugins",
     "resolve_plugins",
@@ -48,8 +65,9 @@ __all__ = [
 
 # Tables that belong to other commands; `train` keeps them but does not interpret them.
 PASSIVE_TABLES = ("compare",)
-# [prior] keys that priorvae owns; every other key is an argument of the prior
-PRIOR_RESERVED = ("name", "file_sha256")
+# keys of a plug-in table that priorvae owns; every other key is an argument of the plug-in
+PLUGIN_RESERVED = ("name", "file_sha256")
+PRIOR_RESERVED = PLUGIN_RESERVED
 
 
 def option(default: Any, *, choices: tuple | None = None, low: float | None = None,
@@ -66,36 +84,72 @@ def option(default: Any, *, choices: tuple | None = None, low: float | None = No
 
 
 @dataclass
-class DataConfig:
-    """``[data]``: the data set's name, the keys every data set shares, and (``kwargs``) the
-    data set's own keys, which :func:`priorvae.datasets.build_dataset` checks."""
+class PluginConfig:
+    """A table that names a plug-in: ``name`` (registered, or a ``file.py:Class`` /
+    ``module:Class`` spec) and the plug-in's own keyword arguments."""
 
-    name: str = option("mnist", pattern=r"[A-Za-z_][\w.\-/\\:]*",
-                       doc="a registered data set (priorvae.datasets.list_datasets())")
+    name: str = ""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    file_sha256: str | None = None  # a spec's file: its hash when the user chose it
+
+
+@dataclass
+class DataConfig(PluginConfig):
+    """``[data]``: the data set (``priorvae.datasets``), the keys every data set shares (where
+    its files are, whether they may be downloaded) and the data set's own arguments."""
+
+    name: str = "mnist"
     root: str | None = option(None, doc="else $PRIORVAE_DATA, else the user cache folder")
     download: bool = option(True)
-    # a file.py:Class data set: the file's hash when it was chosen
-    file_sha256: str | None = option(None, pattern=r"[0-9a-f]{64}", doc="64 hex digits")
-    kwargs: dict[str, Any] = field(default_factory=dict)  # the data set's own keys
+
+
+@dataclass
+class LikelihoodConfig(PluginConfig):
+    """``[likelihood]``: p(x|z) (``priorvae.likelihoods``) and its arguments."""
+
+    name: str = "bernoulli"
+
+
+@dataclass
+class NetworkConfig(PluginConfig):
+    """``[network]``: the encoder/decoder family (``priorvae.networks``) and its arguments."""
+
+    name: str = "mlp"
+
+
+@dataclass
+class PriorConfig(PluginConfig):
+    """``[prior]``: the prior (``priorvae.priors``) and its arguments."""
+
+    name: str = "standard_normal"
 
 
 @dataclass
 class ModelConfig:
-    family: str = option("mlp", choices=("mlp", "conv"))
-    hidden: list[int] = option([300, 300], item_low=1, nonempty=True)
     latent_dim: int = option(40, low=1, high=4096)
-    activation: str = option("gated", choices=("gated", "relu"))
     # encoder log-variance bounds (Hardtanh), as in the VampPrior code
     logvar_min: float = option(-6.0, low=-30.0, high=30.0)
     logvar_max: float = option(2.0, low=-30.0, high=30.0)
-    channels: list[int] = option([32, 64], item_low=1, nonempty=True, doc="conv family only")
 
 
 @dataclass
-class PriorConfig:
-    name: str = "standard_normal"
-    kwargs: dict[str, Any] = field(default_factory=dict)
-    file_sha256: str | None = None  # a file.py:Class prior: the file's hash when it was chosen
+class LegacyModelKeys:
+    """``[model]`` keys of configs written before ``[network]`` existed, with their domains;
+    :func:`migrate` checks them and moves them to ``[network]``."""
+
+    family: str = option("mlp", choices=("mlp", "conv"))
+    hidden: list[int] = option([300, 300], item_low=1, nonempty=True)
+    activation: str = option("gated", choices=("gated", "relu"))
+    channels: list[int] = option([32, 64], item_low=1, nonempty=True, doc="conv family only")
+
+
+# before the likelihood / network / data-set registries exist: today's built-ins
+_MLP = {"hidden": [300, 300], "activation": "gated"}
+_BUILTIN_ARGS = {  # name -> arguments with their defaults
+    "data": {"mnist": {}, "fashion_mnist": {}, "digits": {}},
+    "likelihood": {"bernoulli": {}},
+    "network": {"mlp": _MLP, "conv": {**_MLP, "channels": [32, 64]}},
+}
 
 
 @dataclass
@@ -127,6 +181,8 @@ class EvalConfig:
 @dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
+    likelihood: LikelihoodConfig = field(default_factory=LikelihoodConfig)
+    network: NetworkConfig = field(default_factory=NetworkConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     prior: PriorConfig = field(default_factory=PriorConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -134,23 +190,23 @@ class Config:
     extra: dict[str, Any] = field(default_factory=dict)  # passive tables, e.g. [compare]
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain nested dict in TOML shape (prior kwargs flattened into ``[prior]``)."""
+        """Plain nested dict in TOML shape (a plug-in's arguments flattened into its table)."""
         out: dict[str, Any] = {}
         for f in dataclasses.fields(self):
             if f.name == "extra":
                 continue
             value = dataclasses.asdict(getattr(self, f.name))
-            if f.name == "prior":
-                value = {"name": value["name"], **value["kwargs"],
-                         "file_sha256": value["file_sha256"]}
-            elif f.name == "data":
-                value = {**{k: v for k, v in value.items() if k != "kwargs"}, **value["kwargs"]}
+            if f.name in PLUGIN_TABLES:  # name, shared keys, the plug-in's own, hash
+                own, sha = value.pop("kwargs"), value.pop("file_sha256")
+                value = {**value, **own, "file_sha256": sha}
             out[f.name] = {k: v for k, v in value.items() if v is not None}
         out.update(self.extra)
         return out
 
 
-TABLES = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "eval": EvalConfig}
+TABLES = {"model": ModelConfig, "train": TrainConfig, "eval": EvalConfig}
+PLUGIN_TABLES = {"data": DataConfig, "likelihood": LikelihoodConfig, "network": NetworkConfig,
+                 "prior": PriorConfig}
 
 
 def _suggest(word: str, options: list[str]) -> str:
@@ -226,63 +282,145 @@ def validate_value(table: str, f: dataclasses.Field, value: Any) -> Any:
     return value
 
 
+def _toml_ready(value: Any) -> Any:
+    """A default argument as TOML would give it back (tuples as lists), or None if TOML
+    cannot hold it."""
+    if isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, (list, tuple)):
+        items = [_toml_ready(v) for v in value]
+        return None if any(v is None for v in items) else items
+    return None
+
+
+def _check_plugin(table: str, body: PluginConfig) -> None:
+    """``[table] name`` and arguments: a registered name's arguments checked against its
+    class's ``__init__`` (a spec's when it is built, through the gate: no code runs here)."""
+    from .registry import kind_registry
+    from .trust import is_spec
+
+    if not isinstance(body.name, str) or not body.name.strip():
+        raise ConfigError(f"[{table}] name must be a registered name or 'file.py:Class', "
+                          f"got {body.name!r}")
+    sha = body.file_sha256
+    if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
+        raise ConfigError(f"[{table}] file_sha256 must be 64 hexadecimal digits, got {sha!r}")
+    if not isinstance(body.kwargs, dict):
+        raise ConfigError(f"[{table}] arguments must be a table, got {body.kwargs!r}")
+    for f in _shared_fields(type(body)):  # keys every plug-in of the kind has: declared
+        setattr(body, f.name, validate_value(table, f, getattr(body, f.name)))
+    if is_spec(body.name):
+        return
+    registry = kind_registry(table)
+    if registry is None:  # the kind's package is not there yet: today's built-ins
+        known = _BUILTIN_ARGS[table]
+        if body.name not in known:
+            raise ConfigError(f"[{table}] name must be one of {', '.join(map(repr, known))} or "
+                              f"a 'file.py:Class' / 'module:Class' spec, got {body.name!r}"
+                              f"{_suggest(body.name, list(known))}")
+        accepted = known[body.name]
+        unknown = [k for k in body.kwargs if k not in accepted]
+        if unknown:
+            raise ConfigError(f"[{table}] {body.name!r} got unknown argument(s) "
+                              f"{', '.join(map(repr, unknown))}; it accepts: "
+                              f"{', '.join(accepted) or '(none)'}")
+        return
+    if body.name not in registry:
+        known = registry.list()
+        raise ConfigError(f"[{table}] name must be one of {', '.join(map(repr, known))} or a "
+                          f"'file.py:Class' / 'module:Class' spec, got {body.name!r}"
+                          f"{_suggest(body.name, known)}")
+    try:
+        cls = registry.get(body.name)
+        registry.check_arguments(body.name, cls, body.kwargs)
+    except PluginError as exc:
+        raise ConfigError(f"[{table}] {exc}") from None
+
+
+def _shared_fields(cls: type) -> list[dataclasses.Field]:
+    """The declared keys of a plug-in table besides name, arguments and hash (``[data] root``,
+    ``download``)."""
+    return [f for f in dataclasses.fields(cls) if f.name not in ("name", "kwargs", "file_sha256")]
+
+
 def validate(cfg: Config) -> Config:
-    """Every field of every table in its declared domain, and the rules that tie fields
-    together; raises a one-line :class:`ConfigError` for the first violation."""
+    """Every field of every table in its declared domain, every plug-in's name and arguments
+    (:func:`_check_plugin`), and the rules that tie fields together; raises a one-line
+    :class:`ConfigError` for the first violation."""
     for table, cls in TABLES.items():
         body = getattr(cfg, table)
         for f in dataclasses.fields(cls):  # values come back normalised (int -> float)
-            if f.name != "kwargs":  # a plug-in's own keys: the plug-in checks them
-                setattr(body, f.name, validate_value(table, f, getattr(body, f.name)))
-    if ":" not in cfg.data.name:  # a file.py:Class / module:Class spec is imported later
-        from .datasets import list_datasets
-
-        known = list_datasets()
-        if cfg.data.name not in known:
-            raise ConfigError(f"[data] name must be one of {', '.join(map(repr, known))}, got "
-                              f"{cfg.data.name!r}{_suggest(cfg.data.name, known)}")
+            setattr(body, f.name, validate_value(table, f, getattr(body, f.name)))
     if cfg.model.logvar_min >= cfg.model.logvar_max:
         raise ConfigError(f"[model] logvar_min ({cfg.model.logvar_min:g}) must be below "
                           f"logvar_max ({cfg.model.logvar_max:g})")
-    if not isinstance(cfg.prior.name, str) or not cfg.prior.name.strip():
-        raise ConfigError(f"[prior] name must be a prior's name, got {cfg.prior.name!r}")
-    sha = cfg.prior.file_sha256
-    if sha is not None and not (isinstance(sha, str) and re.fullmatch(r"[0-9a-f]{64}", sha)):
-        raise ConfigError(f"[prior] file_sha256 must be 64 hexadecimal digits, got {sha!r}")
+    for table in PLUGIN_TABLES:
+        _check_plugin(table, getattr(cfg, table))
     return cfg
 
 
+def migrate(raw: dict[str, Any]) -> dict[str, Any]:
+    """A config dict of any priorvae version in today's shape: ``[model] family / hidden /
+    activation / channels`` (checked against their old domains) move to ``[network]``
+    (``family`` becomes its ``name``; ``channels``, which old files wrote for every family,
+    only for ``conv``). A key given in both places with different values is an error."""
+    model = raw.get("model")
+    if not isinstance(model, dict):
+        return raw
+    fields = {f.name: f for f in dataclasses.fields(LegacyModelKeys)}
+    old = {k: validate_value("model", fields[k], v) for k, v in model.items() if k in fields}
+    if not old:
+        return raw
+    network = raw.get("network", {})
+    if not isinstance(network, dict):
+        raise ConfigError(f"[network] must be a table, got {network!r}")
+    network = dict(network)
+    if "family" in old:
+        old["name"] = old.pop("family")
+    if old.get("name", network.get("name", "mlp")) != "conv":
+        old.pop("channels", None)
+    for key, value in old.items():
+        if key in network and network[key] != value:
+            where = "[model] family" if key == "name" else f"[model] {key}"
+            raise ConfigError(f"{where} = {value!r} and [network] {key} = {network[key]!r} "
+                              f"disagree; give it once, in [network]")
+        network[key] = value
+    rest = {k: v for k, v in model.items() if k not in fields}
+    return {**raw, "model": rest, "network": network}
+
+
 def config_from_dict(raw: dict[str, Any]) -> Config:
-    """Build a validated :class:`Config` from a nested dict, rejecting unknown tables and keys
-    by name and every value outside its field's declared domain."""
-    valid_tables = [*TABLES, "prior", *PASSIVE_TABLES]
-    cfg = Config()
-    for table, body in raw.items():
+    """Build a validated :class:`Config` from a nested dict (any version's shape: see
+    :func:`migrate`), rejecting unknown tables and keys by name and every value outside its
+    field's declared domain."""
+    valid_tables = [*PLUGIN_TABLES, *TABLES, *PASSIVE_TABLES]
+    for table in raw:
         if table not in valid_tables:
             raise ConfigError(
                 f"unknown table [{table}]{_suggest(table, valid_tables)}; "
                 f"valid tables: {', '.join('[' + t + ']' for t in valid_tables)}"
             )
+    cfg = Config()
+    for table, body in migrate(raw).items():
         if not isinstance(body, dict):
             raise ConfigError(f"[{table}] must be a table, got {body!r}")
         if table in PASSIVE_TABLES:
             cfg.extra[table] = dict(body)
             continue
-        if table == "prior":
+        if table in PLUGIN_TABLES:
             body = dict(body)
-            name = body.pop("name", "standard_normal")
+            cls = PLUGIN_TABLES[table]
+            name = body.pop("name", cls().name)
             sha = body.pop("file_sha256", None)
             if not isinstance(name, str):
-                raise ConfigError(f"[prior] name must be a string, got {name!r}")
-            cfg.prior = PriorConfig(name=name, kwargs=body, file_sha256=sha)
+                raise ConfigError(f"[{table}] name must be a string, got {name!r}")
+            shared = {f.name: body.pop(f.name) for f in _shared_fields(cls) if f.name in body}
+            setattr(cfg, table, cls(name=name, kwargs=body, file_sha256=sha, **shared))
             continue
         cls = TABLES[table]
-        fields = {f.name: f for f in dataclasses.fields(cls) if f.name != "kwargs"}
-        if table == "data":  # keys beyond the shared ones belong to the data set
-            own = {k: v for k, v in body.items() if k not in fields}
-            body = {**{k: v for k, v in body.items() if k in fields}, "kwargs": own}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
         for key in body:
-            if key not in fields and not (table == "data" and key == "kwargs"):
+            if key not in fields:
                 names = list(fields)
                 raise ConfigError(
                     f"unknown key '{key}' in [{table}]{_suggest(key, names)}; "
@@ -290,6 +428,31 @@ def config_from_dict(raw: dict[str, Any]) -> Config:
                 )
         setattr(cfg, table, dataclasses.replace(cls(), **body))
     return validate(cfg)
+
+
+def comparable(cfg: Config) -> dict[str, Any]:
+    """``cfg`` as a dict in which two configs describing the same run are equal: passive tables
+    left out, and each plug-in's arguments completed with its class's defaults (registered
+    names; tuples as lists), so that a default given explicitly or not makes no difference."""
+    from .registry import kind_registry
+    from .trust import is_spec
+
+    out = {k: v for k, v in cfg.to_dict().items() if k not in cfg.extra}
+    for table in PLUGIN_TABLES:
+        body = getattr(cfg, table)
+        if is_spec(body.name):
+            continue
+        registry = kind_registry(table)
+        try:
+            defaults = (_BUILTIN_ARGS[table].get(body.name, {}) if registry is None
+                        else registry.arguments(registry.get(body.name)))
+        except PluginError:
+            continue
+        for key, value in defaults.items():
+            ready = _toml_ready(value)
+            if key not in out[table] and ready is not None:
+                out[table][key] = ready
+    return out
 
 
 def parse_override(text: str) -> tuple[str, str, Any]:
@@ -345,7 +508,15 @@ def _toml_value(value: Any) -> str:
         return f'"{escaped}"'
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):  # an inline table, e.g. resampled's base_args
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()
+                                if v is not None) + " }"
     raise ConfigError(f"cannot write {value!r} as TOML")
+
+
+def _toml_key(key: Any) -> str:
+    key = str(key)
+    return key if re.fullmatch(r"[A-Za-z0-9_-]+", key) else _toml_value(key)
 
 
 def dump_toml(data: dict[str, Any]) -> str:
@@ -356,24 +527,24 @@ def dump_toml(data: dict[str, Any]) -> str:
         for key, value in body.items():
             if value is None:
                 continue
-            lines.append(f"{key} = {_toml_value(value)}")
+            lines.append(f"{_toml_key(key)} = {_toml_value(value)}")
         lines.append("")
     return "\n".join(lines)
 
 
-def plugin_tables(cfg: Config) -> dict[str, PriorConfig]:
+def plugin_tables(cfg: Config) -> dict[str, PluginConfig]:
     """The tables that name a plug-in (``name`` + its arguments), by table name."""
-    return {"prior": cfg.prior}
+    return {table: getattr(cfg, table) for table in PLUGIN_TABLES}
 
 
-def pin_plugins(cfg: Config) -> Config:
+def pin_plugins(cfg: Config, tables: tuple[str, ...] = tuple(PLUGIN_TABLES)) -> Config:
     """The user chose ``cfg``: every spec in its plug-in tables (names, and arguments that name
     classes) made absolute, hashed and recorded in the user's trust record
     (:meth:`priorvae.registry.Registry.pin`). Changes ``cfg`` in place and returns it."""
     from .registry import kind_registry
 
-    for table, body in plugin_tables(cfg).items():
-        registry = kind_registry(table)
+    for table in tables:
+        body, registry = getattr(cfg, table), kind_registry(table)
         if registry is not None:
             body.name, body.file_sha256, body.kwargs = registry.pin(body.name, body.kwargs)
     return cfg

@@ -19,7 +19,7 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from .config import ModelConfig
+from .config import ModelConfig, NetworkConfig
 from .errors import ConfigError
 from .gaussian import EXP_FLOOR
 
@@ -229,24 +229,27 @@ class GaussianLikelihood(nn.Module):
         return out
 
 
-def build_networks(cfg: ModelConfig, input_shape) -> tuple[nn.Module, nn.Module]:
-    """Encoder and decoder of the family ``cfg.family`` for images of ``input_shape``."""
-    if cfg.latent_dim < 1:
-        raise ConfigError(f"[model] latent_dim must be positive, got {cfg.latent_dim}")
-    if not cfg.hidden:
-        raise ConfigError("[model] hidden must list at least one layer size")
-    if cfg.family == "mlp":
-        enc = MLPEncoder(input_shape, cfg.hidden, cfg.latent_dim, cfg.activation,
-                         cfg.logvar_min, cfg.logvar_max)
-        dec = MLPDecoder(input_shape, cfg.hidden, cfg.latent_dim, cfg.activation)
-    elif cfg.family == "conv":
-        if len(cfg.channels) != 2:
-            raise ConfigError(f"[model] channels must list 2 sizes, got {cfg.channels}")
-        enc = ConvEncoder(input_shape, cfg.hidden, cfg.latent_dim, cfg.channels, cfg.activation,
-                          cfg.logvar_min, cfg.logvar_max)
-        dec = ConvDecoder(input_shape, cfg.hidden, cfg.latent_dim, cfg.channels, cfg.activation)
+def build_networks(network: NetworkConfig, model: ModelConfig,
+                   input_shape) -> tuple[nn.Module, nn.Module]:
+    """Encoder and decoder of the family ``[network] name`` for images of ``input_shape``."""
+    args = {"hidden": [300, 300], "activation": "gated", "channels": [32, 64], **network.kwargs}
+    hidden, activation, channels = args["hidden"], args["activation"], args["channels"]
+    if model.latent_dim < 1:
+        raise ConfigError(f"[model] latent_dim must be positive, got {model.latent_dim}")
+    if not hidden:
+        raise ConfigError("[network] hidden must list at least one layer size")
+    if network.name == "mlp":
+        enc = MLPEncoder(input_shape, hidden, model.latent_dim, activation,
+                         model.logvar_min, model.logvar_max)
+        dec = MLPDecoder(input_shape, hidden, model.latent_dim, activation)
+    elif network.name == "conv":
+        if len(channels) != 2:
+            raise ConfigError(f"[network] channels must list 2 sizes, got {channels}")
+        enc = ConvEncoder(input_shape, hidden, model.latent_dim, channels, activation,
+                          model.logvar_min, model.logvar_max)
+        dec = ConvDecoder(input_shape, hidden, model.latent_dim, channels, activation)
     else:
-        raise ConfigError(f"[model] family must be 'mlp' or 'conv', got {cfg.family!r}")
+        raise ConfigError(f"[network] name must be 'mlp' or 'conv', got {network.name!r}")
     _he_init(enc)
     _he_init(dec)
     return enc, dec

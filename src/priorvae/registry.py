@@ -240,6 +240,22 @@ class Registry:
                     kwargs[args_arg] = pinned_inner
         return pinned, sha, kwargs
 
+    def describe(self, name: str) -> list[str]:
+        """Lines for ``priorvae list``: the class's first docstring line, its arguments with
+        defaults, and what the caller gives it (reserved arguments it takes)."""
+        cls = self.get(name)
+        doc = (inspect.getdoc(cls) or "").strip().splitlines()
+        lines = [f"{name}: {doc[0] if doc else cls.__qualname__}"]
+        args = self.arguments(cls)
+        for arg, default in args.items():
+            lines.append(f"  {arg} = {'(required)' if default == REQUIRED else repr(default)}")
+        if not args:
+            lines.append("  (no arguments)")
+        given = [n for n in inspect.signature(cls.__init__).parameters if n in self.reserved]
+        if given:
+            lines.append(f"  given by priorvae: {', '.join(given)}")
+        return lines
+
     # -- building ----------------------------------------------------------------------------
     def arguments(self, cls: type) -> dict[str, Any]:
         """The user's keyword arguments of ``cls`` (not the reserved ones), with defaults

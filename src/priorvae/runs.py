@@ -50,7 +50,14 @@ from typing import Any
 
 import torch
 
-from .config import Config, dump_toml, load_config, resolve_plugins
+from .config import (
+    Config,
+    comparable,
+    config_from_dict,
+    dump_toml,
+    load_config,
+    resolve_plugins,
+)
 from .errors import ConfigError, PluginError, PriorVAEError, RunBusyError, RunError
 from .trust import TRUST_ENV, check_folder_spec, file_sha256, reading_folder, trust_from_env
 
@@ -409,7 +416,7 @@ class Run:
                            f"choose another --out")
 
     def _check_same_config(self, cfg: Config) -> None:
-        diff = config_diff(run_config_dict(self.config), run_config_dict(cfg))
+        diff = config_diff(comparable(self.config), comparable(cfg))
         if diff:
             raise RunError(f"{self.path} holds a run with a different configuration: "
                            + "; ".join(diff) + ". Refusing to overwrite it; choose another --out")
@@ -558,7 +565,12 @@ class Run:
             raise RunError(f"{path} is not a priorvae checkpoint (no model weights)")
         recorded = ckpt.get("config")
         if isinstance(recorded, dict):
-            diff = config_diff(recorded, run_config_dict(self.config), path.name,
+            try:  # written by any priorvae version: compared in today's shape
+                recorded = comparable(config_from_dict(recorded))
+            except ConfigError as exc:
+                raise RunError(f"{path} records a configuration this priorvae cannot read "
+                               f"({exc})") from None
+            diff = config_diff(recorded, comparable(self.config), path.name,
                                f"in {CONFIG_FILE}")
             if diff:
                 raise RunError(f"{path} belongs to another run than {self.path / CONFIG_FILE}: "

@@ -159,8 +159,9 @@ class VAE(nn.Module):
 
 
 def build_vae(cfg: Config, input_shape, data: torch.Tensor | None = None) -> VAE:
-    """Networks from ``[model]``, prior from ``[prior]`` (given the encoder as context)."""
-    encoder, decoder = build_networks(cfg.model, input_shape)
+    """Networks from ``[network]`` and ``[model]``, prior from ``[prior]`` (given the encoder
+    as context)."""
+    encoder, decoder = build_networks(cfg.network, cfg.model, input_shape)
     if data is None:  # restoring: priors that initialise from data get a placeholder
         if get_prior_class(cfg.prior.name, cfg.prior.file_sha256).needs_data:
             raise PriorError(f"prior {cfg.prior.name!r} is made of the training images: "
