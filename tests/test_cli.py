@@ -133,7 +133,7 @@ def test_priors_command_lists_the_registry():
     (["--set", "train.epoch=3"], "unknown key 'epoch' in [train]"),
     (["--set", "prior.name=vamprior"], "Did you mean: vampprior"),
     (["--set", "prior.n_components=3"], "prior 'standard_normal' got unknown argument"),
-    (["--set", "data.name=cifar"], "[data] name must be one of 'cifar10'"),
+    (["--set", "data.name=cifar"], "unknown data set 'cifar'. Known data sets: cifar10"),
     (["--set", "prior.name=mog", "--set", "prior.n_componets=5"], "n_components"),
 ])
 def test_bad_input_gives_one_clear_error(tmp_path, args, message):

@@ -325,13 +325,12 @@ def _check_plugin(table: str, body: PluginConfig) -> None:
                               f"{', '.join(map(repr, unknown))}; it accepts: "
                               f"{', '.join(accepted) or '(none)'}")
         return
-    if body.name not in registry:
-        known = registry.list()
-        raise ConfigError(f"[{table}] name must be one of {', '.join(map(repr, known))} or a "
-                          f"'file.py:Class' / 'module:Class' spec, got {body.name!r}"
-                          f"{_suggest(body.name, known)}")
     try:
         cls = registry.get(body.name)
+    except PluginError as exc:
+        raise ConfigError(f"[{table}] name must be a registered {registry.kind} or a "
+                          f"'file.py:Class' / 'module:Class' spec: {exc}") from None
+    try:
         registry.check_arguments(body.name, cls, body.kwargs)
     except PluginError as exc:
         raise ConfigError(f"[{table}] {exc}") from None
