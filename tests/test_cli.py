@@ -103,7 +103,7 @@ def test_help_lists_every_command_and_every_option_has_help():
     assert "``" not in text  # no reStructuredText markup in what a person reads
     commands = next(a for a in parser._actions if a.choices and isinstance(a.choices, dict))
     assert set(commands.choices) == {"train", "evaluate", "compare", "sample", "fit-prior",
-                                     "priors"}
+                                     "priors", "list"}
     for name, sub in commands.choices.items():
         assert name in parser.description, name
         for action in sub._actions:

@@ -567,9 +567,10 @@ class Run:
         if isinstance(recorded, dict):
             try:  # written by any priorvae version: compared in today's shape
                 recorded = comparable(config_from_dict(recorded))
-            except ConfigError as exc:
+            except (ConfigError, RecursionError) as exc:
                 raise RunError(f"{path} records a configuration this priorvae cannot read "
-                               f"({exc})") from None
+                               f"({exc if isinstance(exc, ConfigError) else 'nested too deeply'})"
+                               ) from None
             diff = config_diff(recorded, comparable(self.config), path.name,
                                f"in {CONFIG_FILE}")
             if diff:
