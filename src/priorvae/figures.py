@@ -117,25 +117,25 @@ def latent_atlas(mu, labels, prior_z, prior=None, agg=None, threshold=None, titl
         pts = ((mu.double().cpu() - center) @ proj).float()
         pz = ((prior_z.double().cpu() - center) @ proj).float()
         xlabel, ylabel = "PC 1 of the posterior means", "PC 2"
-    # prior samples first, small and grey, the codes over them: a dot that stays visible is
+    # prior samples first, small black +, the codes over them: a + that stays visible is
     # prior mass where no image encodes
-    pz = pz[:MAX_ATLAS_PRIOR_SAMPLES]
-    ax.scatter(pz[:, 0], pz[:, 1], c="k", marker="o", s=4, linewidths=0, alpha=0.45,
+    pz = pz[:min(MAX_ATLAS_PRIOR_SAMPLES, len(pts))]  # no more prior samples than codes
+    ax.scatter(pz[:, 0], pz[:, 1], c="k", marker="+", s=12, linewidths=0.6, alpha=0.5,
                label=f"{len(pz)} prior samples", zorder=2)
     if labels is not None:
-        sc = ax.scatter(pts[:, 0], pts[:, 1], c=labels.cpu(), cmap="tab10", s=5, linewidths=0,
-                        alpha=0.8, zorder=3)
+        sc = ax.scatter(pts[:, 0], pts[:, 1], c=labels.cpu(), cmap="tab10", s=10, linewidths=0,
+                        alpha=0.9, zorder=3)
         fig.colorbar(sc, ax=ax, label="label")
     else:
-        ax.scatter(pts[:, 0], pts[:, 1], c="C0", s=5, linewidths=0, alpha=0.8, zorder=3,
+        ax.scatter(pts[:, 0], pts[:, 1], c="C0", s=10, linewidths=0, alpha=0.9, zorder=3,
                    label="posterior means")
-    ax.legend(loc="upper right", fontsize=8, markerscale=3)
+    ax.legend(loc="upper right", fontsize=8, markerscale=1.5)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     shaded = " (shaded: holes, log q(z) below threshold)" if d == 2 and threshold else ""
     means = ("posterior means by label" if labels is not None
              else "posterior means (no labels: one colour)")
-    ax.set_title((title + "\n" if title else "") + means + " over prior samples (black)"
+    ax.set_title((title + "\n" if title else "") + means + " over prior samples (black +)"
                  + shaded, fontsize=9)
     fig.tight_layout()
     return fig

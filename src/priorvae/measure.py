@@ -40,6 +40,9 @@ DIAGNOSTIC_KEYS = ("kl", "mutual_info", "marginal_kl", "kl_prior_to_agg", "hole_
                    *(f"feature_{k}" for k in TWO_SAMPLE_KEYS))
 
 
+HELDOUT_CODES = 2000  # codes of held-out images a diagnosis wants at least (see _diagnose)
+
+
 def two_sample(real: torch.Tensor, fake: torch.Tensor, prefix: str) -> tuple[dict, dict]:
     """k-NN measures and the classifier test of ``fake`` (prior side) against ``real``, named
     ``PREFIX_precision`` ...; also the classifier's raw output (hole scores)."""
@@ -142,10 +145,10 @@ def _diagnose(model, splits, classifier, n, train_subset, heldout, heldout_label
     agg = AggregatedPosterior(mu_tr, lv_tr)
     metrics: dict = dict(elbo_surgery(mu_tr, lv_tr, model.prior, n_points=n_log_prob))
     metrics["kl_prior_to_agg"] = kl_prior_to_agg(model.prior, agg, n_log_prob)
-    # a held-out set smaller than n (the 300 test digits) gives each image n // len(held)
-    # codes, image by image, so the hole threshold and the two-sample tests see n codes and
-    # the classifier's halves split by image; with as many images as n (MNIST) nothing changes
-    draws = max(1, n // len(held))
+    # a held-out set smaller than HELDOUT_CODES (the 300 test digits) gives each image several
+    # codes, image by image, so the hole threshold and the two-sample tests see about that many
+    # codes and the classifier's halves split by image; MNIST's 10,000 keep one code each
+    draws = max(1, min(n, HELDOUT_CODES) // len(held))
     mu_codes, lv_codes = ((mu_te, lv_te) if draws == 1 else
                           (mu_te.repeat_interleave(draws, 0), lv_te.repeat_interleave(draws, 0)))
     holes = hole_rate(model.prior, agg, mu_codes, lv_codes, n)
