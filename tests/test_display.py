@@ -50,9 +50,9 @@ def test_hparams_are_what_the_grid_varies(tmp_path):
     cfg = load_config(tiny_toml(tmp_path / "c.toml"))
     one = hparam_keys([cfg])
     assert one == ["prior.name"]  # one run varies nothing
-    values = _hparams(cfg, ["prior.name", "data.download", "model.hidden", "prior.missing"])
+    values = _hparams(cfg, ["prior.name", "data.download", "network.hidden", "prior.missing"])
     assert values == {"prior.name": "standard_normal", "data.download": "True",
-                      "model.hidden": "[32, 32]", "prior.missing": "–"}
+                      "network.hidden": "[32, 32]", "prior.missing": "–"}
 
 
 def test_projector_points_pad_a_2d_latent():
