@@ -2,7 +2,11 @@
 
 ``evaluate`` falls back to a smaller K / test subset for priors whose density is costly (the
 diffusion prior) and records it; this script puts the other sources on the same footing so
-the numbers compare. It only reads the run (shared lock) and writes nothing.
+the numbers compare: one decoder pass for all sources (the same images and draws), each
+source's NLL and its paired difference from the first source with the standard error over
+images. It only reads the run (shared lock) and writes nothing. (``evaluate`` now records the
+same as ``matched`` in metrics.json whenever it evaluates sources at different K; this script
+is for runs evaluated before.)
 
     PRIORVAE_DATA=../shared/data python experiments/matched_nll.py RUN_DIR \\
         --sources trained expost-flow expost-diffusion --iw-samples 50 --limit 500
@@ -17,8 +21,9 @@ import time
 import torch
 
 from priorvae.data import load_splits
+from priorvae.evaluate import paired_difference
 from priorvae.expost import load_prior_source
-from priorvae.measure import mean_iwae_nll
+from priorvae.measure import mean_iwae_nlls
 from priorvae.runs import Run, resolve_device
 
 
@@ -35,16 +40,21 @@ def main() -> None:
         dev = resolve_device(args.device or run.config.train.device)
         model = run.load_model("best", dev)
         splits = load_splits(run.config.data, device=dev)
-        trained = model.prior
         x = splits.x_test[:args.limit]
-        for source in args.sources:
-            model.prior = trained if source == "trained" else load_prior_source(
-                run, model, source, splits)
-            torch.manual_seed(run.config.train.seed)
-            t0 = time.perf_counter()
-            nll = mean_iwae_nll(model, x, args.iw_samples, run.config.eval.batch_size)
-            print(json.dumps({"source": source, "test_nll": round(nll, 3),
-                              "iw_samples": args.iw_samples, "test_images": len(x),
+        priors = [model.prior if source == "trained" else load_prior_source(
+            run, model, source, splits) for source in args.sources]
+        torch.manual_seed(run.config.train.seed)
+        t0 = time.perf_counter()
+        rows: list[torch.Tensor] = []
+        mean_iwae_nlls(model, x, args.iw_samples, priors, run.config.eval.batch_size,
+                       rows=rows)
+        nll = torch.cat(rows, dim=1)
+        for source, row in zip(args.sources, nll, strict=True):
+            diff, se = paired_difference(row, nll[0])
+            print(json.dumps({"source": source, "test_nll": round(row.double().mean().item(), 3),
+                              f"diff_vs_{args.sources[0]}": round(diff, 3),
+                              "diff_stderr": round(se, 3), "iw_samples": args.iw_samples,
+                              "test_images": len(x),
                               "seconds": round(time.perf_counter() - t0, 1)}), flush=True)
 
 

@@ -34,6 +34,8 @@ What a prior class may declare besides ``_log_prob``/``_sample`` (the trainer, `
   ``fit_defaults``: fit-prior's epochs / batch_size / lr / patience where they differ.
 - ``spec_arguments``: arguments that name another prior (``resampled``: ``{"base":
   "base_args"}``), so that a spec there is pinned, recorded and checked like ``[prior] name``.
+- ``sampler_report()``: numbers about its sampler that its density does not show (the LARS
+  prior's truncation share), recorded by ``evaluate`` beside the metrics; {} by default.
 - ``evaluation_limits``: the largest K / number of test images whose IWAE bound is affordable
   and the number of points at which the diagnostics may evaluate its log-density (keys
   ``iw_samples``, ``test_images``, ``log_prob_points``; None: no limit); ``evaluate`` falls back
@@ -151,6 +153,10 @@ class Prior(nn.Module):
         """Monte-Carlo standard error (nats) of the log-normaliser estimate that ``log_prob``
         uses outside training, for priors with ``estimated_normalizer``; None otherwise."""
         return None
+
+    def sampler_report(self) -> dict[str, float]:
+        """Numbers about ``sample`` for metrics.json (e.g. ``truncation_share``); {} here."""
+        return {}
 
     def in_training_step(self) -> bool:
         """True inside an optimisation step (training mode, gradients on): where priors may use

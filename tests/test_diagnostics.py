@@ -107,3 +107,28 @@ def test_encode_split_binarizes_grey_images_reproducibly():
     a, _ = encode_split(enc, x)
     b, _ = encode_split(enc, x)
     assert torch.equal(a, b) and set(a.unique().tolist()) <= {0.0, 1.0}
+
+
+def test_monte_carlo_errors_match_the_spread_of_repeated_draws():
+    # each error is computed from one evaluation; the spread over 40 independent evaluations
+    # (fresh prior samples, fresh held-out draws) is what it must predict
+    torch.manual_seed(0)
+    mu, logvar = torch.randn(600, 2) * 0.5, torch.full((600, 2), -3.0)
+    agg = AggregatedPosterior(mu[:400], logvar[:400])
+    prior = build_prior("standard_normal", latent_dim=2)
+    holes, kls = [], []
+    for _ in range(40):
+        held = torch.randn(200, 2) * 0.5
+        holes.append(hole_rate(prior, agg, held, logvar[:200], n=1000))
+        kls.append(kl_prior_to_agg(prior, agg, n=1000, stderr=True))
+    rates = torch.tensor([h["hole_rate"] for h in holes])
+    assert 0.05 < rates.mean() < 0.5  # a measure with something to be noisy about
+    spread = rates.std().item()
+    predicted = torch.tensor([h["hole_rate_stderr"] for h in holes]).mean().item()
+    assert 0.6 < predicted / spread < 1.6, (predicted, spread)
+    kl_spread = torch.tensor([v for v, _ in kls]).std().item()
+    kl_predicted = torch.tensor([se for _, se in kls]).mean().item()
+    assert 0.7 < kl_predicted / kl_spread < 1.4, (kl_predicted, kl_spread)
+    surgery = elbo_surgery(mu, logvar, prior, n_points=300)
+    assert {"kl_stderr", "mutual_info_stderr", "marginal_kl_stderr"} <= set(surgery)
+    assert all(0 < surgery[k] < 1 for k in ("kl_stderr", "marginal_kl_stderr"))

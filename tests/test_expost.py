@@ -10,6 +10,7 @@ from priorvae.config import load_config
 from priorvae.errors import PriorError
 from priorvae.expost import (
     _gradient_fit,
+    _Stopper,
     em_fit_mog,
     fit_prior,
     fit_record,
@@ -116,3 +117,41 @@ def test_nothing_to_fit_and_bad_labels_are_refused(trained_run):
 def test_unknown_prior_source_names_the_available_ones(trained_run, capsys):
     assert main(["evaluate", str(trained_run), "--prior-source", "nope", "--quiet"]) == 2
     assert "available: trained, aggregate" in capsys.readouterr().err
+
+
+def test_early_stopping_of_a_fit_waits_for_min_epochs_and_the_smoothed_curve():
+    # a noise dip at epoch 2 that the slowly improving curve needs 20 epochs to beat: counted
+    # on single epochs the fit would stop at epoch 2 + patience (the 14-epoch fits)
+    curve = [10 - 0.1 * t + (-3.0 if t == 2 else 0.4 * (-1) ** t) for t in range(1, 61)]
+    stopper, stopped = _Stopper(start=10.0, patience=5, min_epochs=20), None
+    for epoch, val in enumerate(curve, start=1):
+        if stopper.step(epoch, val)[1]:
+            stopped = epoch
+            break
+    assert stopped is None or stopped >= 20
+    old_rule = next(e for e in range(1, 61) if e > 2 + 5 - 1 and min(curve[:e]) == curve[1]
+                    and all(v >= curve[1] for v in curve[2:e]))
+    assert old_rule == 7 and (stopped is None or stopped > 3 * old_rule)
+    # a flat, noisy curve is not allowed to stop before min_epochs, and then does stop
+    flat = _Stopper(start=1.0, patience=3, min_epochs=12)
+    stops = [e for e in range(1, 40) if flat.step(e, 1.0 + 0.01 * (e % 2) + 1e-5 * e)[1]]
+    assert stops and stops[0] == 12
+    assert not flat.improved  # never below its starting point by more than the tolerance
+    lucky = _Stopper(start=1.0, patience=3, min_epochs=0)
+    for e in range(1, 20):  # one lucky epoch is not progress: the median ignores it
+        lucky.step(e, 0.5 if e == 3 else 1.0 + 0.01 * (e % 2))
+    assert lucky.best == 0.5 and not lucky.improved
+
+
+def test_a_fit_that_does_not_improve_says_so(trained_run, capsys):
+    out = fit_prior(trained_run, "flow", {"num_layers": 1, "hidden_features": 8},
+                    label="flow-still", lr=1e-12, epochs=3, progress=False)
+    assert out["improved"] is False and out["epochs"] == 3  # min_epochs capped at epochs
+    assert abs(out["val_loss"] - out["start_val_loss"]) < 1e-4
+    assert "flow-still did not improve on its starting point" in capsys.readouterr().err
+    record = fit_record(Run.open(trained_run), "flow-still")
+    assert record["improved"] is False and record["min_epochs"] == 3
+    good = fit_prior(trained_run, "mog", {"n_components": 3}, label="mog3", epochs=10,
+                     progress=False)
+    assert good["improved"] is True and good["val_loss"] < good["start_val_loss"]
+    assert "mog3" not in capsys.readouterr().err

@@ -282,6 +282,8 @@ def test_fit_prior_uses_each_priors_objective_and_evaluate_records_fallback_and_
     assert math.isfinite(slow["test_nll"]) and "log_normalizer_stderr" not in slow
     z_est = evaluate_run(run, progress=False, prior_source="expost-resampled", diagnostics=False)
     assert 0 <= z_est["log_normalizer_stderr"] < 0.05 and z_est["evaluation_fallback"] is None
+    # the LARS truncation share (1 - Z)^(T - 1) is recorded beside it (T = 100: tiny here)
+    assert 0 <= z_est["truncation_share"] < 0.05 and z_est["truncation"] == 100
     stored = read_metrics(run)["prior_sources"]
     assert stored["expost-diffusion"]["evaluation_fallback"] == slow["evaluation_fallback"]
     assert stored["expost-resampled"]["log_normalizer_stderr"] == z_est["log_normalizer_stderr"]
@@ -298,3 +300,60 @@ def test_evaluation_limits_with_unknown_keys_are_refused_in_one_line():
         _fallback(Old(), "expost-old", 5000, None, None, 10_000, 10_000)
     Old.evaluation_limits = {"log_prob_points": 100, "iw_samples": 50}
     assert _fallback(Old(), "expost-old", 5000, None, None, 10_000, 10_000)[:3] == (50, None, 100)
+
+
+def test_matched_column_scores_every_source_on_the_same_images_and_draws(tmp_path):
+    # the diffusion prior falls back to K = 50; the other sources ride along in its decoder
+    # pass (same images, same draws): paired differences with standard errors, and riding
+    # along changes no source's own numbers
+    import shutil
+
+    from priorvae.evaluate import evaluate_sources, paired_difference
+    from priorvae.expost import fit_prior
+
+    run = _trained_digits_run(tmp_path, eval={"iw_samples": 80}, train={"epochs": 3})
+    fit_prior(run, "diffusion", {"hidden": 16, "ode_steps": 2}, epochs=2, progress=False)
+    fit_prior(run, "mog", {"n_components": 3}, epochs=5, progress=False)
+    alone = tmp_path / "alone"
+    shutil.copytree(run, alone)
+    out = evaluate_sources(run, ["trained", "expost-mog", "expost-diffusion"], progress=False,
+                           diagnostics=False)
+    assert (out["trained"]["iw_samples"], out["expost-diffusion"]["iw_samples"]) == (80, 50)
+    records = {label: out[label]["matched"] for label in out}
+    assert {(r["iw_samples"], r["test_images"]) for r in records.values()} == {
+        (50, out["trained"]["test_images"])}
+    assert records["trained"]["diff"] == 0 and records["trained"]["reference"] == "trained"
+    for label in ("expost-mog", "expost-diffusion"):
+        r = records[label]
+        assert r["diff"] == pytest.approx(r["test_nll"] - records["trained"]["test_nll"],
+                                          abs=1e-9)
+        assert 0 < r["diff_stderr"] < 5
+    # the diffusion prior's own pass is the matched pass: the same number
+    assert records["expost-diffusion"]["test_nll"] == pytest.approx(
+        out["expost-diffusion"]["test_nll"], rel=1e-6)  # float64 mean vs float32 batch sums
+    saved = read_metrics(run)
+    assert saved["matched"] == records["trained"]
+    assert saved["prior_sources"]["expost-mog"]["matched"] == records["expost-mog"]
+    # evaluated alone (only the run's own prior rides along), the numbers are the same bits
+    solo = evaluate_sources(alone, ["expost-diffusion"], progress=False, diagnostics=False)
+    assert solo["expost-diffusion"]["test_nll"] == out["expost-diffusion"]["test_nll"]
+    assert solo["expost-diffusion"]["matched"]["diff"] == pytest.approx(
+        records["expost-diffusion"]["diff"], abs=1e-9)
+    a, b = torch.tensor([1.0, 2.0, 4.0]), torch.tensor([0.5, 1.0, 3.0])
+    mean, se = paired_difference(a, b)
+    assert mean == pytest.approx(5 / 6) and se == pytest.approx(
+        torch.tensor([0.5, 1.0, 1.0]).double().std().item() / 3 ** 0.5)
+
+
+def test_resampled_truncation_share_is_what_the_sampler_does():
+    # a(z) = 1/2 everywhere: Z = 1/2, and with T = 3 a quarter of the samples are the third,
+    # unfiltered proposal; the sampler's last round takes exactly those
+    prior = build_prior("resampled", latent_dim=2, truncation=3, n_normalizer=1000).eval()
+    report = prior.sampler_report()
+    assert report == {"truncation_share": pytest.approx(0.25), "truncation": 3.0}
+    sizes = []
+    draw = prior.base.sample
+    prior.base.sample = lambda n: sizes.append(n) or draw(n)
+    torch.manual_seed(0)
+    prior.sample(20_000)
+    assert len(sizes) == 3 and abs(sizes[-1] / 20_000 - 0.25) < 0.02

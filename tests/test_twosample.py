@@ -105,3 +105,20 @@ def test_hole_score_ranks_uncovered_prior_points_above_covered_ones():
     assert out["hole_score"][in_hole].mean() > 0.9
     assert out["hole_score"][covered].mean() < 0.5
     assert auc(out["hole_score"][in_hole | covered], in_hole[in_hole | covered]) > 0.95
+
+
+def test_auc_stderr_matches_the_spread_of_repeated_draws():
+    from priorvae.twosample import auc_stderr
+
+    gen = torch.Generator().manual_seed(0)
+    values = []
+    for _ in range(200):
+        pos, neg = torch.randn(300, generator=gen) + 0.5, torch.randn(200, generator=gen)
+        values.append(auc(torch.cat([pos, neg]), torch.cat([torch.ones(300), torch.zeros(200)])))
+    spread = torch.tensor(values).std().item()
+    predicted = auc_stderr(sum(values) / len(values), 300, 200)
+    assert 0.8 < predicted / spread < 1.25, (predicted, spread)
+    out = knn_two_sample(two_modes(500, gen=gen), two_modes(400, gen=gen))
+    p = out["precision"]  # a mean of 0/1 indicators over the 400 fake points
+    assert out["precision_stderr"] == pytest.approx((p * (1 - p) * 400 / 399 / 400) ** 0.5)
+    assert all(out[f"{k}_stderr"] >= 0 for k in ("recall", "density", "coverage"))

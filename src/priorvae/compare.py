@@ -41,7 +41,7 @@ import torch
 
 from .config import Config, PriorConfig, load_config, pin_plugins, validate
 from .errors import ConfigError, PriorVAEError, RunBusyError, RunError
-from .measure import DIAGNOSTIC_KEYS
+from .measure import DIAGNOSTIC_KEYS, STDERR_KEYS
 from .priors import PRIORS, pin_prior_spec
 from .runs import (
     AGGREGATE,
@@ -57,11 +57,18 @@ from .stop import check_stop
 __all__ = ["grid", "execution_order", "check_grid", "run_compare", "write_results",
            "RESULT_COLUMNS"]
 
+# the matched comparison (evaluate's ``matched`` record): NLL at the common (K, images) of the
+# sources of one VAE, and the paired difference from its own prior with its standard error
+MATCHED_COLUMNS = ["matched_nll", "matched_diff", "matched_diff_stderr", "matched_iw_samples",
+                   "matched_test_images"]
+TRUNCATION_WARNING = 0.05  # as evaluate: a LARS prior whose samples skip the filter this often
 RESULT_COLUMNS = ["prior", "seed", "latent_dim", "test_elbo", "test_nll",
                   *(k for k in DIAGNOSTIC_KEYS if k != "class_entropy_aggregate"),
                   "train_seconds", "fit_seconds", "epochs_trained", "device", "iw_samples",
                   "test_images",
-                  "log_normalizer_stderr", "evaluation_fallback", "quality_classifier"]
+                  "log_normalizer_stderr", "evaluation_fallback", "quality_classifier",
+                  "truncation_share", "fit_improved", *MATCHED_COLUMNS,
+                  *(f"{k}_stderr" for k in STDERR_KEYS)]
 _COMPARE_KEYS = {"priors", "seeds", "prior_seeds", "latent_dims", "args", "expost", "expost_on"}
 
 
@@ -204,6 +211,10 @@ def _row(name: str, cfg: Config, metrics: dict, source: str = TRAINED) -> dict[s
            "latent_dim": cfg.model.latent_dim, "run": name}
     for col in RESULT_COLUMNS[3:]:
         row[col] = metrics.get(col)
+    matched = metrics.get("matched") or {}
+    for col, key in zip(MATCHED_COLUMNS, ("test_nll", "diff", "diff_stderr", "iw_samples",
+                                          "test_images"), strict=True):
+        row[col] = matched.get(key)
     return row
 
 
@@ -239,8 +250,9 @@ HEADLINE = [("test NLL", "test_nll", 1), ("ELBO", "test_elbo", 1), ("hole rate",
             ("KL(p‖q)", "kl_prior_to_agg", 1), ("latent precision", "latent_precision", 1),
             ("latent recall", "latent_recall", 1), ("latent coverage", "latent_coverage", 1),
             ("classifier AUC", "latent_c2st_auc", 1), ("fd_prior", "fd_prior", 1),
-            ("fd_aggregate", "fd_aggregate", 1), ("train min", "train_seconds", 60),
-            ("fit min", "fit_seconds", 60)]
+            ("fd_aggregate", "fd_aggregate", 1),
+            ("Δ NLL vs own prior, matched [paired se]", "matched_diff", 1),
+            ("train min", "train_seconds", 60), ("fit min", "fit_seconds", 60)]
 
 
 def _quality_key(key: str) -> bool:
@@ -266,6 +278,17 @@ def _values(group: list[dict], key: str, main: str | None, div: float = 1) -> li
     return [None if r[key] in (None, "") else float(r[key]) / div for r in keep]
 
 
+def _error_note(group: list[dict], key: str) -> str:
+    """' [se]' after a column whose rows carry a Monte-Carlo standard error (``KEY_stderr``
+    or, for the matched difference, its paired standard error): of the mean over the rows,
+    sqrt(sum se^2) / n, to set beside the spread over seeds."""
+    errors = [r.get(f"{key}_stderr") for r in group]
+    errors = [float(e) for e in errors if e not in (None, "")]
+    if not errors:
+        return ""
+    return f" [{math.sqrt(sum(e * e for e in errors)) / len(errors):.2g}]"
+
+
 def _table(groups: dict[tuple, list[dict]], cols: list[tuple[str, str, float]],
            main: str | None = None) -> list[str]:
     """Markdown rows: prior, D, seeds, epochs, device, then mean ± std of each (header, key,
@@ -278,12 +301,31 @@ def _table(groups: dict[tuple, list[dict]], cols: list[tuple[str, str, float]],
         for _, key, div in cols:
             values = _values(group, key, main, div)
             short = _quality_key(key) and len(values) < len(group)
-            cells.append(_mean_std(values) + (" †" if short else ""))
+            cells.append(_mean_std(values) + (" †" if short else "")
+                         + _error_note(group, key))
         seeds = ", ".join(str(r["seed"]) for r in group)
         lines.append(f"| {prior} | {dim} | {seeds} | {_span([r['epochs_trained'] for r in group])}"
                      f" | {', '.join(sorted({str(r.get('device')) for r in group}))} | "
                      + " | ".join(cells) + " |")
     return lines
+
+
+def _row_notes(r: dict) -> list[str]:
+    """What a reader must know about how one row was evaluated."""
+    notes = []
+    if r.get("log_normalizer_stderr") not in (None, ""):
+        notes.append(f"test_nll includes an estimated log Z, standard error "
+                     f"{float(r['log_normalizer_stderr']):.2g} nats")
+    if r.get("evaluation_fallback"):
+        notes.append(r["evaluation_fallback"])
+    share = r.get("truncation_share")
+    if share not in (None, "") and float(share) > TRUNCATION_WARNING:
+        notes.append(f"{float(share):.0%} of its samples are the last, unfiltered proposal of "
+                     f"the truncated sampler (LARS truncation share): its sample-based measures "
+                     f"describe that mixture")
+    if r.get("fit_improved") in (False, "False"):
+        notes.append("its ex-post fit did not improve on its starting point")
+    return notes
 
 
 def write_results(out: Path, rows: list[dict[str, Any]], title: str = "") -> None:
@@ -297,7 +339,8 @@ def write_results(out: Path, rows: list[dict[str, Any]], title: str = "") -> Non
     cols = ["test_nll", "test_elbo", "kl", "mutual_info", "marginal_kl", "kl_prior_to_agg",
             "hole_rate", "latent_precision", "latent_recall", "latent_coverage",
             "latent_c2st_auc", "mmd", "active_units", "fd_prior", "fd_aggregate",
-            "feature_precision", "feature_recall", "train_seconds", "fit_seconds"]
+            "feature_precision", "feature_recall", "truncation_share", "matched_nll",
+            "matched_diff", "train_seconds", "fit_seconds"]
     groups: dict[tuple, list[dict]] = {}
     for row in rows:
         groups.setdefault((row["prior"], row["latent_dim"]), []).append(row)
@@ -308,14 +351,16 @@ def write_results(out: Path, rows: list[dict[str, Any]], title: str = "") -> Non
              "latent_*/feature_* two-sample measures of prior samples against held-out codes/"
              "images (precision, recall, coverage in [0, 1]; c2st_auc 0.5 = indistinguishable), "
              "train (the VAE's training) and fit (an ex-post prior's fit) in seconds or minutes; "
-             "seeds: the seeds averaged, epochs: the epochs they trained.", "",
+             "seeds: the seeds averaged, epochs: the epochs they trained. "
+             "Δ NLL vs own prior, matched: every source of one VAE scored on the same test "
+             "images with the same draws at the smallest (K, images) among them "
+             "(matched_iw_samples, matched_test_images in results.csv), minus the VAE's own "
+             "prior; [x]: the Monte-Carlo (paired) standard error of the mean over the "
+             "seeds, beside their spread.", "",
              *_table(groups, HEADLINE, main), "", "Every column:", "",
              *_table(groups, [(c, c, 1) for c in cols], main)]
-    notes = [f"- {r['prior']} (seed {r['seed']}): " + "; ".join(
-        ([f"test_nll includes an estimated log Z, standard error "
-          f"{r['log_normalizer_stderr']:.2g} nats"] if r.get("log_normalizer_stderr") is not None
-         else []) + ([r["evaluation_fallback"]] if r.get("evaluation_fallback") else []))
-        for r in rows if r.get("log_normalizer_stderr") is not None or r.get("evaluation_fallback")]
+    notes = [f"- {r['prior']} (seed {r['seed']}): " + "; ".join(n for n in _row_notes(r))
+             for r in rows if _row_notes(r)]
     if notes:
         lines += ["", "Evaluated differently (see metrics.json):", "", *notes]
     if main is not None:  # fd_* / feature_* of different classifiers are not comparable

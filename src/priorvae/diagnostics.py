@@ -18,6 +18,9 @@ with ``log_prob``/``sample`` (a prior, an :class:`~priorvae.aggregate.Aggregated
   about ``quantile``; a prior that puts mass where no image encodes scores high.
 - :func:`mmd`: unbiased MMD^2 with a Gaussian kernel k(a, b) = exp(-|a - b|^2 / (2 h^2)), h the
   median pairwise distance of the pooled samples (median heuristic).
+- Monte-Carlo errors: every Monte-Carlo mean above comes with ``NAME_stderr`` (std / sqrt(n)
+  of its terms); the hole rate with a bootstrap over both of its samples
+  (:func:`hole_rate_stderr`).
 - :func:`active_units`: number of latent units u with Var_x(E_q[z_u | x]) > 0.01
   (Burda et al., 2016).
 
@@ -35,7 +38,8 @@ import torch
 from .aggregate import AggregatedPosterior
 from .gaussian import LOG_2PI
 
-__all__ = ["elbo_surgery", "kl_prior_to_agg", "hole_rate", "mmd", "active_units"]
+__all__ = ["elbo_surgery", "kl_prior_to_agg", "hole_rate", "hole_rate_stderr", "mmd",
+           "active_units"]
 
 
 @torch.no_grad()
@@ -60,14 +64,25 @@ def elbo_surgery(mu: torch.Tensor, logvar: torch.Tensor, prior, n_points: int | 
     log_p = prior.log_prob(z)
     kl = (log_q_cond - log_p).mean().item()
     mi = (log_q_cond - log_q).mean().item()
-    return {"kl": kl, "mutual_info": mi, "marginal_kl": kl - mi}
+    return {"kl": kl, "mutual_info": mi, "marginal_kl": kl - mi,
+            "kl_stderr": _stderr(log_q_cond - log_p), "mutual_info_stderr":
+            _stderr(log_q_cond - log_q), "marginal_kl_stderr": _stderr(log_q - log_p)}
+
+
+def _stderr(terms: torch.Tensor) -> float:
+    """Monte-Carlo standard error of the mean of i.i.d. ``terms`` (N,): std / sqrt(N)."""
+    terms = terms.double()
+    return (terms.std() / len(terms) ** 0.5).item() if len(terms) > 1 else float("nan")
 
 
 @torch.no_grad()
-def kl_prior_to_agg(prior, agg, n: int = 10_000) -> float:
-    """KL(p || q) = E_{z ~ p}[log p(z) - log q(z)], Monte Carlo with n prior samples (nats)."""
+def kl_prior_to_agg(prior, agg, n: int = 10_000, stderr: bool = False):
+    """KL(p || q) = E_{z ~ p}[log p(z) - log q(z)], Monte Carlo with n prior samples (nats);
+    with ``stderr``: (value, its Monte-Carlo standard error)."""
     z = prior.sample(n)
-    return (prior.log_prob(z) - agg.log_prob(z)).mean().item()
+    terms = prior.log_prob(z) - agg.log_prob(z)
+    value = terms.mean().item()
+    return (value, _stderr(terms)) if stderr else value
 
 
 @torch.no_grad()
@@ -91,10 +106,28 @@ def hole_rate(prior, agg, heldout_mu: torch.Tensor, heldout_logvar: torch.Tensor
     log_q_prior = agg.log_prob(prior.sample(n))
     return {
         "hole_rate": (log_q_prior < threshold).double().mean().item(),
+        "hole_rate_stderr": hole_rate_stderr(log_q_prior, log_q_post, quantile),
         "threshold": threshold,
         "log_q_prior": log_q_prior.cpu(),
         "log_q_posterior": log_q_post.cpu(),
     }
+
+
+@torch.no_grad()
+def hole_rate_stderr(log_q_prior: torch.Tensor, log_q_post: torch.Tensor, quantile: float = 0.01,
+                     rounds: int = 200, seed: int = 0) -> float:
+    """Bootstrap standard error of the hole rate: both the prior samples and the held-out
+    posterior samples that set the threshold are resampled (``rounds`` times, a private
+    generator: the caller's random stream is untouched). The aggregate q(z) itself is held
+    fixed, so this is the noise of the n prior draws and of the threshold's estimate."""
+    gen = torch.Generator().manual_seed(seed)
+    prior_side, post_side = log_q_prior.double().cpu(), log_q_post.double().cpu()
+    rates = torch.empty(rounds, dtype=torch.float64)
+    for b in range(rounds):
+        post = post_side[torch.randint(len(post_side), (len(post_side),), generator=gen)]
+        draw = prior_side[torch.randint(len(prior_side), (len(prior_side),), generator=gen)]
+        rates[b] = (draw < torch.quantile(post, quantile)).double().mean()
+    return rates.std().item()
 
 
 @torch.no_grad()

@@ -31,7 +31,7 @@ from .runs import EVALUATION_KEYS, FINISHED, TRAINED, Run, file_sha256, resolve_
 from .sanity import absurd, non_finite, warn
 
 __all__ = ["write_figures", "evaluate_run", "evaluate_sources", "hparam_keys", "projector_points",
-           "MAX_IWAE_DECODES"]
+           "MAX_IWAE_DECODES", "paired_difference"]
 
 # the most decoder evaluations (test images x K) an evaluation may cost unless the caller
 # allows more: 5 times the full MNIST evaluation (10,000 images x K = 5,000)
@@ -186,7 +186,9 @@ def evaluate_sources(run_dir: str | Path, prior_sources: list[str] | tuple[str, 
                 from .expost import fit_record, load_prior_source
 
                 plan["prior"] = load_prior_source(run, model, label, splits)
-                plan["fit_seconds"] = fit_record(run, label).get("seconds")
+                record = fit_record(run, label)
+                plan["fit_seconds"], plan["fit_improved"] = (record.get("seconds"),
+                                                             record.get("improved"))
             k, lim, plan["n_log_prob"], plan["fallback"] = _fallback(
                 plan["prior"], label, iw_samples or cfg.eval.iw_samples, iw_samples, limit,
                 len(splits.x_test), n_diagnostic)
@@ -204,15 +206,63 @@ def evaluate_sources(run_dir: str | Path, prior_sources: list[str] | tuple[str, 
         # (none for data without labels: the feature measures are skipped, with the reason)
         classifier = (get_classifier(splits, classifier_cache_dir(), progress=progress)
                       if diagnostics else None)
-        out = {}
+        # the matched comparison: the group with the fewest (K x images) carries every other
+        # source (and the run's own prior) in its decoder pass as passengers, so that all are
+        # also scored on the same images with the same draws (paired differences)
+        matched = min(plans, key=lambda key: key[0] * (key[1] or n_test))
+        passengers = [p for key, group in plans.items() if key != matched for p in group]
+        own = trained_prior.evaluation_limits or {}  # the own prior joins within its limits
+        if TRAINED not in sources and own.get("iw_samples", matched[0]) >= matched[0] and \
+                own.get("test_images", n_test) >= (matched[1] or n_test):
+            passengers.append({"label": TRAINED, "prior": trained_prior})
+        out, rows = {}, []
         try:
-            for (k, lim), group in plans.items():
+            for key, group in plans.items():
+                k, lim = key
                 x = splits.x_test if lim is None else splits.x_test[:lim]
                 _evaluate_group(run, model, splits, best, group, x, k, classifier,
-                                n_diagnostic, progress, dev, out, hparam_keys, diagnostics)
+                                n_diagnostic, progress, dev, out, hparam_keys, diagnostics,
+                                passengers if key == matched else [],
+                                rows if key == matched else None)
         finally:
             model.prior = trained_prior
+        labels = [p["label"] for p in plans[matched]] + [p["label"] for p in passengers]
+        if len(labels) > 1 and TRAINED in labels:
+            _save_matched(run, out, labels, rows[0], *matched, n_test)
         return out
+
+
+def paired_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
+    """Mean of a - b over paired per-image values (N,), and its standard error (nats)."""
+    d = (a - b).double()
+    se = d.std().item() / len(d) ** 0.5 if len(d) > 1 else float("nan")
+    return d.mean().item(), se
+
+
+def _save_matched(run: Run, out: dict, labels: list[str], nll: torch.Tensor, k: int,
+                  lim: int | None, n_test: int) -> None:
+    """Each source's ``matched`` record: its test NLL at the common (K, images) with the same
+    draws as every other source of the pass, and its paired difference from the run's own
+    prior (``trained``) with the standard error over images."""
+    ref = nll[labels.index(TRAINED)]
+    records = {}
+    for label, row in zip(labels, nll, strict=True):
+        diff, se = paired_difference(row, ref)
+        records[label] = {"iw_samples": k, "test_images": lim or n_test,
+                          "test_nll": row.double().mean().item(), "reference": TRAINED,
+                          "diff": diff, "diff_stderr": se, "shared_with": labels}
+    metrics = run.metrics()
+    saved = metrics.get("prior_sources", {})
+    for label, record in records.items():
+        if label == TRAINED:
+            continue
+        saved.setdefault(label, {})["matched"] = record
+        if label in out:
+            out[label]["matched"] = record
+    out_trained = run.update_metrics(matched=records[TRAINED], prior_sources=saved) \
+        if saved else run.update_metrics(matched=records[TRAINED])
+    if TRAINED in out:
+        out[TRAINED] = out_trained
 
 
 def _rng_state(dev: torch.device) -> tuple:
@@ -229,10 +279,13 @@ def _set_rng_state(state: tuple, dev: torch.device) -> None:
 def _evaluate_group(run: Run, model, splits, best: dict, group: list[dict], x: torch.Tensor,
                     k: int, classifier, n_diagnostic: int, progress: bool,
                     dev: torch.device, out: dict, hparam_keys=None,
-                    diagnostics: bool = True) -> None:
+                    diagnostics: bool = True, passengers: list[dict] = (),
+                    rows: list | None = None) -> None:
     """The sources of ``group`` at K = ``k`` on the images ``x``: one shared IWAE pass; the
     random state each step starts from is the one a separate evaluation of each would have
-    (seed, ELBO, IWAE, diagnostics), so sharing changes no number."""
+    (seed, ELBO, IWAE, diagnostics), so sharing changes no number. ``passengers``: plans of
+    other sources scored in the same pass (their per-image values go to ``rows``, after the
+    group's; a prior's log-density draws no random numbers, so they change nothing)."""
     cfg = run.config
     elbos, seconds = {}, {}
     after_elbo = None
@@ -245,8 +298,11 @@ def _evaluate_group(run: Run, model, splits, best: dict, group: list[dict], x: t
         seconds[plan["label"]] = time.perf_counter() - t0
     _set_rng_state(after_elbo, dev)
     t0 = time.perf_counter()
-    nlls = mean_iwae_nlls(model, x, k, [plan["prior"] for plan in group], cfg.eval.batch_size,
-                          progress=progress)
+    batches: list[torch.Tensor] = []
+    nlls = mean_iwae_nlls(model, x, k, [plan["prior"] for plan in (*group, *passengers)],
+                          cfg.eval.batch_size, progress=progress, rows=batches)[:len(group)]
+    if rows is not None:
+        rows.append(torch.cat(batches, dim=1).cpu())
     shared = time.perf_counter() - t0
     after_iwae = _rng_state(dev)
     for plan, nll in zip(group, nlls, strict=True):
@@ -269,9 +325,19 @@ def _evaluate_group(run: Run, model, splits, best: dict, group: list[dict], x: t
         results["test_nll_shared_with"] = [p["label"] for p in group if p is not plan] or None
         if plan["fit_seconds"] is not None:  # an ex-post source: what fitting it cost
             results["fit_seconds"] = plan["fit_seconds"]
+            if plan.get("fit_improved") is not None:  # False: the fit never beat its start
+                results["fit_improved"] = plan["fit_improved"]
         if getattr(prior, "estimated_normalizer", False):
             # the NLL includes a Monte-Carlo log Z: its standard error goes next to it
             results["log_normalizer_stderr"] = prior.log_normalizer_stderr()
+        report = prior.sampler_report()
+        results.update(report)  # e.g. the LARS prior's truncation share
+        if report.get("truncation_share", 0.0) > TRUNCATION_WARNING:
+            print(f"evaluate: prior source {label!r}: {report['truncation_share']:.0%} of its "
+                  f"samples are the last, unfiltered proposal of its truncated sampler "
+                  f"(T = {report.get('truncation', float('nan')):.0f}); its sample-based "
+                  f"measures describe that mixture (see priors/resampled.py)",
+                  file=sys.stderr, flush=True)
         if diagnostics:
             metrics, extras = diagnose(model, splits, classifier, n=n_diagnostic,
                                        n_log_prob=plan["n_log_prob"])
@@ -305,6 +371,7 @@ def _evaluate_group(run: Run, model, splits, best: dict, group: list[dict], x: t
 
 
 LIMIT_KEYS = ("iw_samples", "test_images", "log_prob_points")
+TRUNCATION_WARNING = 0.05  # warn when more than this share of samples skips the filter
 
 
 def _fallback(prior, source: str, k: int, iw_samples, limit, n_test: int, n_diagnostic: int):

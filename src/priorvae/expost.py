@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -149,7 +150,8 @@ def fit_prior(run_dir: str | Path, name: str, kwargs: dict[str, Any] | None = No
               label: str | None = None, method: str = "auto", epochs: int | None = None,
               batch_size: int | None = None, lr: float | None = None,
               patience: int | None = None, device: str | None = None, seed: int = 0,
-              progress: bool = True, trust_remote_code: bool = False) -> dict:
+              progress: bool = True, trust_remote_code: bool = False,
+              min_epochs: int | None = None) -> dict:
     """Fit the registered prior ``name`` to the run's aggregated posterior and save it.
 
     Returns:
@@ -160,7 +162,11 @@ def fit_prior(run_dir: str | Path, name: str, kwargs: dict[str, Any] | None = No
 
     ``epochs``, ``batch_size``, ``lr`` and ``patience`` left as None take the prior class's
     ``fit_defaults`` (a diffusion model needs far more steps than a mixture), else
-    100, 1000, 1e-3 and 10.
+    100, 1000, 1e-3 and 10. A gradient fit never stops before ``min_epochs`` (default: twice
+    the patience, at least 20, at most ``epochs``) and counts its patience on the smoothed
+    validation curve (:class:`_Stopper`), so noise cannot end it at its start. The result and
+    the fit record say whether the fit beat its starting point (``improved``,
+    ``start_val_loss``); one that did not keeps its starting point and prints a warning.
     """
     pinned, sha, kwargs = PRIORS.pin(name, kwargs)  # the user chose it here: pinned, recorded
     given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "patience": patience}
@@ -168,6 +174,12 @@ def fit_prior(run_dir: str | Path, name: str, kwargs: dict[str, Any] | None = No
                 **{k: v for k, v in given.items() if v is not None}}
     epochs, batch_size, lr, patience = (settings[k] for k in given)
     _check_positive(epochs=epochs, batch_size=batch_size)
+    if min_epochs is None:
+        min_epochs = settings.get("min_epochs")
+    if min_epochs is None and isinstance(patience, int) and isinstance(epochs, int):
+        min_epochs = min(epochs, max(2 * patience, 20))
+    if isinstance(min_epochs, bool) or not isinstance(min_epochs, int) or min_epochs < 0:
+        raise PriorError(f"min_epochs must be an integer >= 0, got {min_epochs!r}")
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) \
             or lr <= 0:
         raise PriorError(f"--lr must be a finite number > 0, got {lr!r}")
@@ -220,17 +232,20 @@ def fit_prior(run_dir: str | Path, name: str, kwargs: dict[str, Any] | None = No
                 bar.update(1)
                 bar.set_postfix(val_loss=f"{val_loss:.3f}")
 
+            start = _val_loss(prior.eval(), z_val)  # the prior as built: the starting point
             if method == "em":
                 history = em_fit_mog(prior, mu_tr, lv_tr, z_val, iterations=epochs,
                                      patience=patience, callback=log)
             else:
-                history = _gradient_fit(prior, params, mu_tr, lv_tr, z_val, epochs, batch_size,
-                                        lr, patience, log)
+                history, stopper = _gradient_fit(prior, params, mu_tr, lv_tr, z_val, epochs,
+                                                 batch_size, lr, patience, log, min_epochs,
+                                                 start)
         val_loss = _val_loss(prior, z_val)
         if not math.isfinite(val_loss):
             raise PriorError(f"the fitted {label} has a non-finite validation loss "
                              f"({val_loss}); nothing was saved")
-        scores = {"val_loss": val_loss}
+        improved = val_loss < start - 1e-4 if method == "em" else stopper.improved
+        scores = {"val_loss": val_loss, "start_val_loss": start, "improved": improved}
         if _likelihood_objective(prior):
             scores["val_nll"] = val_loss
         # weights first, then the spec that makes the source visible: never a spec without
@@ -242,8 +257,15 @@ def fit_prior(run_dir: str | Path, name: str, kwargs: dict[str, Any] | None = No
         # ex-post remedy's price is this plus the VAE's training
         spec = {"prior": {"name": name, "file_sha256": sha}, "kwargs": kwargs,
                 "fit": {"seconds": round(seconds, 3), "epochs": len(history), "method": method,
-                        "device": str(dev)}}
+                        "device": str(dev), "min_epochs": min_epochs, "patience": patience,
+                        "start_val_loss": start, "val_loss": val_loss,
+                        "improved": improved}}
         atomic_write_bytes(spec_path, dump_toml(spec).encode())
+    if not improved:
+        print(f"fit-prior: {label} did not improve on its starting point (validation loss "
+              f"{start:.4f} at the start, {val_loss:.4f} at the end, {len(history)} epochs); "
+              f"it is kept as it started: try more --epochs, another --lr or --patience",
+              file=sys.stderr, flush=True)
     return {"label": label, "path": str(weights_path), **scores, "epochs": len(history),
             "method": method, "seconds": seconds}
 
@@ -255,9 +277,57 @@ def _check_positive(**values) -> None:
                              f"got {value!r}")
 
 
-def _gradient_fit(prior, params, mu, logvar, z_val, epochs, batch_size, lr, patience, log):
+class _Stopper:
+    """Early stopping of an ex-post fit that does not end it on noise.
+
+    The validation loss of a fit is noisy (fresh code draws every epoch, a stochastic
+    objective), so a run of ``patience`` epochs is counted against the *smoothed* curve (the
+    running median of the last ``window`` validation losses, counted once the window is full:
+    one lucky epoch cannot set the bar), and no fit stops before ``min_epochs``.
+    The state kept is the best single validation loss, starting from the prior as it was
+    built (a fit that never beats it keeps it); ``improved`` says whether the smoothed curve
+    ever went below the starting point, so a lucky epoch does not count as progress.
+    """
+
+    def __init__(self, start: float, patience: int, min_epochs: int, window: int = 5,
+                 tol: float = 1e-4):
+        self.start, self.best, self.patience, self.min_epochs = start, start, patience, min_epochs
+        self.window, self.tol, self.recent = window, tol, []
+        self.best_smooth, self.bad = math.inf, 0
+
+    def step(self, epoch: int, val: float) -> tuple[bool, bool]:
+        """(this epoch is the best so far, stop now)."""
+        better = val < self.best - self.tol
+        if better:
+            self.best = val
+        self.recent = (self.recent + [val])[-self.window:]
+        if len(self.recent) < self.window:
+            return better, False
+        smooth = sorted(self.recent)[self.window // 2]
+        if smooth < self.best_smooth - self.tol:
+            self.best_smooth, self.bad = smooth, 0
+        else:
+            self.bad += 1
+        return better, epoch >= self.min_epochs and self.bad >= self.patience
+
+    @property
+    def improved(self) -> bool:
+        """Whether the smoothed curve went below the starting point (the best single epoch
+        when the fit was shorter than the window)."""
+        best = self.best_smooth if math.isfinite(self.best_smooth) else self.best
+        return best < self.start - self.tol
+
+
+def _gradient_fit(prior, params, mu, logvar, z_val, epochs, batch_size, lr, patience, log,
+                  min_epochs: int = 0, start: float | None = None):
+    """Adam on ``fit_loss`` over fresh code draws; returns (history, the :class:`_Stopper`).
+    ``start``: the validation loss of the prior as it is now (computed when None)."""
     opt = torch.optim.Adam(params, lr=lr)
-    best, best_state, bad, history = math.inf, None, 0, []
+    history = []
+    prior.eval()
+    stopper = _Stopper(_val_loss(prior, z_val) if start is None else start, patience,
+                       min_epochs)
+    best_state = copy.deepcopy(prior.state_dict())  # the starting point, until beaten
     prior.train()
     for epoch in range(1, epochs + 1):
         z = _draw(mu, logvar)  # fresh codes every epoch
@@ -278,18 +348,14 @@ def _gradient_fit(prior, params, mu, logvar, z_val, epochs, batch_size, lr, pati
         prior.train()
         history.append({"epoch": epoch, "train_loss": total / len(z), "val_loss": val})
         log(epoch, total / len(z), val)
-        if val < best - 1e-4:
-            best, bad = val, 0
+        better, stop = stopper.step(epoch, val)
+        if better:
             best_state = copy.deepcopy(prior.state_dict())
-        else:
-            bad += 1
-            if bad >= patience:
-                break
-    if best_state is None:  # never reached: every epoch's loss is checked above
-        raise PriorError("no epoch of the fit improved on the start; nothing was saved")
+        if stop:
+            break
     prior.load_state_dict(best_state)
     prior.eval()
-    return history
+    return history, stopper
 
 
 def _likelihood_objective(prior) -> bool:

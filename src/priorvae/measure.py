@@ -29,8 +29,8 @@ from .stop import check_stop
 from .twosample import classifier_two_sample, knn_two_sample
 from .vae import VAE
 
-__all__ = ["TEST_KEYS", "TWO_SAMPLE_KEYS", "DIAGNOSTIC_KEYS", "mean_elbo", "mean_iwae_nll",
-           "mean_iwae_nlls", "decode_samples", "diagnose", "two_sample"]
+__all__ = ["TEST_KEYS", "TWO_SAMPLE_KEYS", "DIAGNOSTIC_KEYS", "STDERR_KEYS", "mean_elbo",
+           "mean_iwae_nll", "mean_iwae_nlls", "decode_samples", "diagnose", "two_sample"]
 
 TEST_KEYS = ("test_nll", "test_elbo", "test_recon", "test_kl", "iw_samples", "test_images")
 TWO_SAMPLE_KEYS = ("precision", "recall", "density", "coverage", "c2st_auc", "c2st_acc")
@@ -49,9 +49,33 @@ def two_sample(real: torch.Tensor, fake: torch.Tensor, prefix: str) -> tuple[dic
     metrics = knn_two_sample(real, fake)
     c2st = classifier_two_sample(fake, real)
     metrics["c2st_auc"], metrics["c2st_acc"] = c2st["auc"], c2st["accuracy"]
-    return {f"{prefix}_{k}": metrics[k] for k in TWO_SAMPLE_KEYS}, c2st
+    metrics["c2st_auc_stderr"], metrics["c2st_acc_stderr"] = (c2st["auc_stderr"],
+                                                              c2st["accuracy_stderr"])
+    out = {}
+    for k in TWO_SAMPLE_KEYS:
+        out[f"{prefix}_{k}"], out[f"{prefix}_{k}_stderr"] = metrics[k], metrics[f"{k}_stderr"]
+    return out, c2st
 
 
+
+
+# the metrics that carry a Monte-Carlo standard error, as NAME_stderr beside NAME
+STDERR_KEYS = ("kl", "mutual_info", "marginal_kl", "kl_prior_to_agg", "hole_rate", "fd_prior",
+               "fd_aggregate", *(f"{side}_{k}" for side in ("latent", "feature")
+                                 for k in TWO_SAMPLE_KEYS))
+
+
+def _bootstrap_fd(fake: torch.Tensor, real: torch.Tensor, rounds: int = 20,
+                  seed: int = 0) -> float:
+    """Bootstrap standard error of a Fréchet distance (both feature sets resampled; a private
+    generator, the caller's random stream untouched)."""
+    gen = torch.Generator().manual_seed(seed)
+    values = []
+    for _ in range(rounds):
+        i = torch.randint(len(fake), (len(fake),), generator=gen).to(fake.device)
+        j = torch.randint(len(real), (len(real),), generator=gen).to(real.device)
+        values.append(frechet_distance(fake[i], real[j]))
+    return torch.tensor(values, dtype=torch.float64).std().item()
 
 
 @torch.no_grad()
@@ -76,10 +100,11 @@ def mean_iwae_nll(model: VAE, x: torch.Tensor, k: int, batch_size: int = 100,
 
 @torch.no_grad()
 def mean_iwae_nlls(model: VAE, x: torch.Tensor, k: int, priors: list, batch_size: int = 100,
-                   progress: bool = False) -> list[float]:
+                   progress: bool = False, rows: list | None = None) -> list[float]:
     """Mean -IWAE_k(x) over ``x`` (N, ...) under each of ``priors`` with one decoder pass
     (:meth:`VAE.iwae_priors`): element s equals ``mean_iwae_nll`` of the model with
-    ``priors[s]`` from the same random state."""
+    ``priors[s]`` from the same random state. ``rows``: a list that receives each batch's
+    per-image values, (S, batch) tensors of -IWAE_k (for paired differences)."""
     totals = [0.0] * len(priors)
     batches = tqdm(iterate_batches(x, batch_size, shuffle=False, dynamic_binarization=False),
                    total=-(-len(x) // batch_size), disable=not progress, dynamic_ncols=True,
@@ -90,7 +115,10 @@ def mean_iwae_nlls(model: VAE, x: torch.Tensor, k: int, priors: list, batch_size
             stack.enter_context(prior.frozen())
         for batch in batches:
             check_stop()  # SIGTERM: stop between batches
-            for s, row in enumerate(model.iwae_priors(batch, k, priors)):
+            values = model.iwae_priors(batch, k, priors)
+            if rows is not None:
+                rows.append(-values)
+            for s, row in enumerate(values):
                 totals[s] += -row.sum().item()
     return [total / len(x) for total in totals]
 
@@ -144,7 +172,8 @@ def _diagnose(model, splits, classifier, n, train_subset, heldout, heldout_label
     mu_te, lv_te = encode_split(model.encoder, held, binarize_seed=seed)
     agg = AggregatedPosterior(mu_tr, lv_tr)
     metrics: dict = dict(elbo_surgery(mu_tr, lv_tr, model.prior, n_points=n_log_prob))
-    metrics["kl_prior_to_agg"] = kl_prior_to_agg(model.prior, agg, n_log_prob)
+    metrics["kl_prior_to_agg"], metrics["kl_prior_to_agg_stderr"] = kl_prior_to_agg(
+        model.prior, agg, n_log_prob, stderr=True)
     # a held-out set smaller than HELDOUT_CODES (the 300 test digits) gives each image several
     # codes, image by image, so the hole threshold and the two-sample tests see about that many
     # codes and the classifier's halves split by image; MNIST's 10,000 keep one code each
@@ -152,7 +181,8 @@ def _diagnose(model, splits, classifier, n, train_subset, heldout, heldout_label
     mu_codes, lv_codes = ((mu_te, lv_te) if draws == 1 else
                           (mu_te.repeat_interleave(draws, 0), lv_te.repeat_interleave(draws, 0)))
     holes = hole_rate(model.prior, agg, mu_codes, lv_codes, n)
-    metrics["hole_rate"] = holes["hole_rate"]
+    metrics["hole_rate"], metrics["hole_rate_stderr"] = holes["hole_rate"], \
+        holes["hole_rate_stderr"]
     m = min(n, 2000)
     z_prior, z_agg = model.prior.sample(n), agg.sample(n)
     metrics["mmd"] = mmd(z_prior[:m], z_agg[:m])
@@ -186,6 +216,8 @@ def _diagnose(model, splits, classifier, n, train_subset, heldout, heldout_label
         f_agg, p_agg = features(classifier, observe(x_agg))
         metrics["fd_prior"] = frechet_distance(f_prior, f_ref)
         metrics["fd_aggregate"] = frechet_distance(f_agg, f_ref)
+        metrics["fd_prior_stderr"] = _bootstrap_fd(f_prior, f_ref)
+        metrics["fd_aggregate_stderr"] = _bootstrap_fd(f_agg, f_ref)
         metrics["class_entropy_prior"] = class_entropy(p_prior)
         metrics["class_entropy_aggregate"] = class_entropy(p_agg)
         metrics.update(two_sample(f_ref, f_prior, "feature")[0])

@@ -100,7 +100,13 @@ EVALUATION_KEYS = ("test_elbo", "test_recon", "test_kl", "test_nll", "iw_samples
                    "fd_prior", "fd_aggregate", "class_entropy_prior", "class_entropy_aggregate",
                    *(f"{space}_{k}" for space in ("latent", "feature") for k in (
                        "precision", "recall", "density", "coverage", "c2st_auc", "c2st_acc")),
-                   "non_finite")
+                   "non_finite", "matched", "truncation_share", "truncation", "fit_improved",
+                   # Monte-Carlo errors (priorvae.measure.STDERR_KEYS)
+                   *(f"{k}_stderr" for k in (
+                       "kl", "mutual_info", "marginal_kl", "kl_prior_to_agg", "hole_rate",
+                       "fd_prior", "fd_aggregate", *(f"{space}_{k}" for space in (
+                           "latent", "feature") for k in ("precision", "recall", "density",
+                                                          "coverage", "c2st_auc", "c2st_acc")))))
 _KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a device",
           stat.S_IFBLK: "a device", stat.S_IFLNK: "a symbolic link"}
 

@@ -15,6 +15,8 @@ Pure functions of two point sets ``real`` (N, D) and ``fake`` (M, D), on their d
       density  = 1/(k M) sum_j sum_i 1[f_j in B(r_i, NND_k(r_i))]    (about 1 if p = q)
       coverage = 1/N sum_i 1[exists j: f_j in B(r_i, NND_k(r_i))]
 
+- Monte-Carlo errors (``NAME_stderr``): of each k-NN mean over its own points with the other
+  side's balls held fixed; of the AUC by Hanley & McNeil (1982) over the held-out halves.
 - :func:`classifier_two_sample` (Lopez-Paz & Oquab, 2017): an MLP learns to tell ``p`` from
   ``q`` on one half of each; its AUC and accuracy on the other half are 0.5 when the two are
   indistinguishable and 1 when they are disjoint. Its probability that a held-out ``p`` point
@@ -42,7 +44,7 @@ import torch
 from torch import nn
 
 __all__ = ["knn_radii", "precision_recall", "density_coverage", "knn_two_sample",
-           "classifier_two_sample", "auc"]
+           "classifier_two_sample", "auc", "auc_stderr"]
 
 DEFAULT_MAX_ELEMENTS = 2**24  # distances held at once: 64 MB in float32
 
@@ -104,21 +106,33 @@ def knn_two_sample(real: torch.Tensor, fake: torch.Tensor, k_pr: int = 3, k_dc: 
     real_sq = real.square().sum(1)
     in_real = torch.zeros(len(fake), dtype=torch.bool, device=fake.device)
     density_count = torch.zeros((), dtype=torch.float64, device=fake.device)
+    per_fake = torch.zeros(len(fake), dtype=torch.float64, device=fake.device)  # for its error
     recalled = torch.zeros(len(real), dtype=torch.bool, device=real.device)
     nearest_fake = torch.full((len(real),), torch.inf, device=real.device)
     starts, rows = _blocks(len(fake), len(real), max_elements)
     for s in starts:
         d2 = _sq_dist(fake[s:s + rows], real, real_sq)  # (rows, N)
         in_real[s:s + rows] = (d2 <= r_pr_real).any(1)
-        density_count += (d2 <= r_dc_real).sum()
+        inside = d2 <= r_dc_real
+        density_count += inside.sum()
+        per_fake[s:s + rows] = inside.sum(1)
         recalled |= (d2 <= r_pr_fake[s:s + rows, None]).any(0)
         nearest_fake = torch.minimum(nearest_fake, d2.min(0).values)
+    covered = nearest_fake <= r_dc_real
     return {
         "precision": in_real.double().mean().item(),
         "recall": recalled.double().mean().item(),
         "density": (density_count / (k_dc * len(fake))).item(),
-        "coverage": (nearest_fake <= r_dc_real).double().mean().item(),
+        "coverage": covered.double().mean().item(),
+        # standard errors of each mean over its own points, the other side's balls held fixed
+        "precision_stderr": _se(in_real), "recall_stderr": _se(recalled),
+        "density_stderr": _se(per_fake / k_dc), "coverage_stderr": _se(covered),
     }
+
+
+def _se(values: torch.Tensor) -> float:
+    values = values.double()
+    return (values.std() / len(values) ** 0.5).item() if len(values) > 1 else float("nan")
 
 
 def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3,
@@ -134,6 +148,14 @@ def density_coverage(real: torch.Tensor, fake: torch.Tensor, k: int = 5,
     """Density and coverage (Naeem et al., 2020) of fake (M, D) against real (N, D)."""
     out = knn_two_sample(real, fake, k_pr=k, k_dc=k, max_elements=max_elements)
     return {"density": out["density"], "coverage": out["coverage"]}
+
+
+def auc_stderr(a: float, n_pos: int, n_neg: int) -> float:
+    """Standard error of an AUC ``a`` from ``n_pos`` and ``n_neg`` held-out points (Hanley &
+    McNeil, 1982, https://doi.org/10.1148/radiology.143.1.7063747)."""
+    q1, q2 = a / (2 - a), 2 * a * a / (1 + a)
+    var = (a * (1 - a) + (n_pos - 1) * (q1 - a * a) + (n_neg - 1) * (q2 - a * a)) / (n_pos * n_neg)
+    return max(var, 0.0) ** 0.5
 
 
 def auc(scores: torch.Tensor, labels: torch.Tensor) -> float:
@@ -196,5 +218,10 @@ def classifier_two_sample(p_samples: torch.Tensor, q_samples: torch.Tensor, hidd
     scores = torch.cat([score_p, score_q])
     labels = torch.cat([torch.ones(len(score_p)), torch.zeros(len(score_q))]).to(device)
     accuracy = 0.5 * ((score_p > 0.5).double().mean() + (score_q <= 0.5).double().mean())
-    return {"auc": auc(scores, labels), "accuracy": accuracy.item(), "hole_score": score_p,
-            "p_index": torch.arange(hp, len(p), device=device)}
+    area = auc(scores, labels)
+    pa, qa = (score_p > 0.5).double().mean().item(), (score_q <= 0.5).double().mean().item()
+    return {"auc": area, "accuracy": accuracy.item(), "hole_score": score_p,
+            "p_index": torch.arange(hp, len(p), device=device),
+            "auc_stderr": auc_stderr(area, len(score_p), len(score_q)),
+            "accuracy_stderr": 0.5 * (pa * (1 - pa) / len(score_p)
+                                      + qa * (1 - qa) / len(score_q)) ** 0.5}
