@@ -42,7 +42,9 @@ def test_one_distribution_gives_precision_recall_density_near_one():
 def test_disjoint_supports_give_zero_precision_recall_density_coverage():
     real, fake = torch.randn(1000, 5), torch.randn(1000, 5) + 20
     out = knn_two_sample(real, fake)
-    assert out == {"precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0}
+    assert out == {"precision": 0.0, "recall": 0.0, "density": 0.0, "coverage": 0.0,
+                   "precision_stderr": 0.0, "recall_stderr": 0.0, "density_stderr": 0.0,
+                   "coverage_stderr": 0.0}
 
 
 def test_fake_on_one_of_two_modes_has_precision_but_half_recall_and_coverage():
