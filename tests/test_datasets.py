@@ -230,7 +230,7 @@ def test_bad_files_and_labels_are_one_line(tmp_path):
     with pytest.raises(DataError, match="labels must be integers"):
         load_dataset(build_dataset("tensors", path=str(tmp_path / "floaty.npz")))
     (tmp_path / "junk.npy").write_bytes(b"not numpy")
-    with pytest.raises(DataError, match="junk.npy cannot be read as .npy") as info:
+    with pytest.raises(DataError, match="junk.npy is not a .npy file") as info:
         load_dataset(build_dataset("tensors", path=str(tmp_path / "junk.npy")))
     _one_line(info)
     (tmp_path / "x.csv").write_text("1,2\n")
@@ -314,3 +314,53 @@ def test_a_likelihood_that_does_not_suit_the_values_is_refused_before_writing(tm
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "bernoulli" in err and "real values" in err, err
     assert not run.exists()
+
+
+USER_DATA = """
+import torch
+from priorvae.datasets import DataSet, Splits
+
+
+class Blobs(DataSet):
+    value_type, n_classes, shape = "intensity", 2, (1, 4, 4)
+
+    def __init__(self, root=None, download=True, n=60):
+        super().__init__(root, download)
+        self.n = n
+
+    def load(self):
+        g = torch.Generator().manual_seed(0)
+        y = torch.arange(self.n) % 2
+        x = (torch.rand(self.n, 1, 4, 4, generator=g) * 0.5 + 0.5 * y[:, None, None, None])
+        a, b = self.n - 20, self.n - 10
+        return Splits(self.name, x[:a], y[:a], x[a:b], y[a:b], x[b:], y[b:], self.value_type,
+                      self.n_classes)
+"""
+
+
+def test_a_data_set_by_file_path_and_by_module_is_pinned_like_a_prior(tmp_path, monkeypatch,
+                                                                      capsys):
+    from conftest import tiny_toml
+    from priorvae.cli import main
+
+    (tmp_path / "my_data.py").write_text(USER_DATA)
+    spec = f"{tmp_path / 'my_data.py'}:Blobs"
+    config = tiny_toml(tmp_path / "c.toml", data={"name": spec, "n": 50},
+                       train={"epochs": 1, "diagnostics_every": 0, "image_every": 0})
+    run = tmp_path / "run"
+    assert main(["train", str(config), "--out", str(run), "--quiet"]) == 0, \
+        capsys.readouterr().err
+    recorded = load_config(run / "config.toml").data
+    assert recorded.name == spec and len(recorded.file_sha256) == 64
+    assert recorded.kwargs == {"n": 50}
+    # the file changes after training: the run folder's pin refuses the new code
+    (tmp_path / "my_data.py").write_text(USER_DATA + "\n# changed\n")
+    assert main(["evaluate", str(run), "--iw-samples", "2", "--no-diagnostics",
+                 "--quiet"]) == 2
+    assert "sha256" in capsys.readouterr().err
+    # by module, importable from sys.path
+    monkeypatch.syspath_prepend(str(tmp_path))
+    config = tiny_toml(tmp_path / "m.toml", data={"name": "my_data:Blobs"},
+                       train={"epochs": 1, "diagnostics_every": 0, "image_every": 0})
+    assert main(["train", str(config), "--out", str(tmp_path / "mod"), "--quiet"]) == 0, \
+        capsys.readouterr().err

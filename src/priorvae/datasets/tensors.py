@@ -41,6 +41,9 @@ def read_arrays(path: str | Path) -> dict[str, np.ndarray]:
     suffix = path.suffix.lower()
     try:
         if suffix == ".npy":
+            with open(path, "rb") as f:
+                if f.read(6) != b"\x93NUMPY":
+                    raise DataError(f"{path} is not a .npy file (no NUMPY header)")
             return {"x": np.load(path, allow_pickle=False)}
         if suffix == ".npz":
             with np.load(path, allow_pickle=False) as npz:
