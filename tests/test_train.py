@@ -178,8 +178,9 @@ def test_interrupted_run_resumes_bit_for_bit(tmp_path, monkeypatch, prior):
     end_of_epoch = train_module._end_of_epoch
 
     def interrupt_after_two(run, cfg, writer, model, opt, splits, classifier, device, env,
-                            state, row):
-        end_of_epoch(run, cfg, writer, model, opt, splits, classifier, device, env, state, row)
+                            state, row, **kwargs):
+        end_of_epoch(run, cfg, writer, model, opt, splits, classifier, device, env, state, row,
+                     **kwargs)
         if state.epoch == 2:
             raise KeyboardInterrupt
 
