@@ -42,8 +42,9 @@ from torch.profiler import ProfilerActivity, profile
 from priorvae.config import load_config
 from priorvae.data import load_splits
 from priorvae.distributed import DistEnv
+from priorvae.likelihoods import build_likelihood, prepare_splits
 from priorvae.train import epoch_order, global_mean_elbo, local_batches, make_optimizer, train_step
-from priorvae.vae import build_vae
+from priorvae.vae import build_vae, likelihood_spec
 
 REPO = Path(__file__).resolve().parents[1]
 MATMUL = {"aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmv", "aten::mv"}
@@ -93,7 +94,8 @@ class Cell:
             x, n, idx = next(self.batches)
         except StopIteration:
             self.batches = local_batches(self.splits.x_train, self.order,
-                                         self.cfg.train.batch_size, DistEnv())
+                                         self.cfg.train.batch_size, DistEnv(),
+                                         self.model.likelihood.prepare)
             x, n, idx = next(self.batches)
         self.model.train()
         return train_step(self.model, self.opt, x, 0.5, n, self.cfg.train.grad_norm == "unit",
@@ -167,12 +169,15 @@ def main() -> None:
     root = os.environ.get("PRIORVAE_DATA", str(REPO.parent / "shared" / "data"))
     cfg = load_config(args.config, [f"data.root={json.dumps(root)}", "data.download=false"])
     splits = load_splits(cfg.data)
+    name, sha, kwargs = likelihood_spec(cfg)
+    lik = build_likelihood(name, splits.input_shape, sha256=sha, **kwargs)
+    splits = prepare_splits(splits, lik)  # validation and test, as train() prepares them
     cells = {name: Cell(name, args.config, root, splits) for name in args.priors}
     tmp = Path(tempfile.mkdtemp())
     steps_per_epoch = -(-len(splits.x_train) // cfg.train.batch_size)
     from priorvae.quality import classifier_cache_dir, get_classifier
 
-    classifier = get_classifier(splits, classifier_cache_dir())
+    classifier = get_classifier(splits, classifier_cache_dir(), likelihood=lik)
     for threads in args.threads:
         torch.set_num_threads(threads)
         rate = matmul_rate()

@@ -21,6 +21,7 @@ import torch
 
 from priorvae.config import load_config
 from priorvae.data import load_splits
+from priorvae.likelihoods import prepare_splits
 from priorvae.measure import mean_iwae_nll
 from priorvae.runs import Run
 from priorvae.vae import build_vae
@@ -63,7 +64,7 @@ def main() -> None:
         torch.manual_seed(0)
         model = build_vae(cfg, (1, 28, 28))
     model.eval()
-    splits = load_splits(cfg.data.name, root, False)
+    splits = prepare_splits(load_splits(cfg.data.name, root, False), model.likelihood)
     x = splits.x_test[:args.images]
     torch.manual_seed(0)
     t0 = time.perf_counter()

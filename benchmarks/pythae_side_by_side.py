@@ -43,6 +43,7 @@ import torch
 from priorvae.config import load_config
 from priorvae.data import load_splits
 from priorvae.expost import em_fit_mog
+from priorvae.likelihoods import build_likelihood, prepare_splits
 from priorvae.measure import mean_iwae_nll
 from priorvae.registry import build_prior
 from priorvae.train import make_optimizer, train_epoch
@@ -231,8 +232,8 @@ def bench_gmm(ours, theirs, splits, reps):
         return sampler
 
     def run_ours():
-        mu, logvar = encode_split(ours.encoder, x_binary, binarize_seed=None)
-        mu_v, logvar_v = encode_split(ours.encoder, holdout, binarize_seed=None)
+        mu, logvar = encode_split(ours.encoder, x_binary)
+        mu_v, logvar_v = encode_split(ours.encoder, holdout)
         prior = build_prior("mog", latent_dim=mu.shape[1], n_components=10)
         z_val = mu_v + torch.exp(0.5 * logvar_v) * torch.randn_like(mu_v)
         return em_fit_mog(prior, mu, logvar, z_val)
@@ -269,6 +270,7 @@ def main() -> None:
             logging.getLogger(name).setLevel(logging.ERROR)
     root = os.environ.get("PRIORVAE_DATA", str(REPO.parent / "shared" / "data"))
     splits = load_splits("mnist", root, False)
+    splits = prepare_splits(splits, build_likelihood("bernoulli", splits.input_shape))
     _pythae()
     with tempfile.TemporaryDirectory() as tmp:
         for prior in args.priors:

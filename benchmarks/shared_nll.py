@@ -20,6 +20,7 @@ import torch
 
 from priorvae.data import load_splits
 from priorvae.expost import load_prior_source
+from priorvae.likelihoods import prepare_splits
 from priorvae.measure import mean_iwae_nll, mean_iwae_nlls
 from priorvae.runs import Run
 
@@ -36,7 +37,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     run = Run.open(args.run_dir)
     model = run.load_model()
-    splits = load_splits(run.config.data)
+    splits = prepare_splits(load_splits(run.config.data), model.likelihood)
     priors = [load_prior_source(run, model, s, splits) for s in args.sources]
     x = splits.x_test[:args.images]
     batch = run.config.eval.batch_size

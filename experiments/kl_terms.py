@@ -20,6 +20,7 @@ import torch
 
 from priorvae.data import load_splits
 from priorvae.expost import load_prior_source
+from priorvae.likelihoods import prepare_splits
 from priorvae.runs import AGGREGATE, Run, resolve_device
 
 
@@ -35,7 +36,7 @@ def main() -> None:
     with run.lock("kl-terms", exclusive=False):
         dev = resolve_device(args.device or run.config.train.device)
         model = run.load_model("best", dev)
-        splits = load_splits(run.config.data, device=dev)
+        splits = prepare_splits(load_splits(run.config.data, device=dev), model.likelihood)
         q = load_prior_source(run, model, AGGREGATE, splits)
         torch.manual_seed(run.config.train.seed)
         mu, logvar = model.encode(splits.x_test[:args.n])

@@ -23,6 +23,7 @@ import torch
 from priorvae.data import load_splits
 from priorvae.evaluate import paired_difference
 from priorvae.expost import load_prior_source
+from priorvae.likelihoods import prepare_splits
 from priorvae.measure import mean_iwae_nlls
 from priorvae.runs import Run, resolve_device
 
@@ -39,7 +40,7 @@ def main() -> None:
     with run.lock("matched-nll", exclusive=False):
         dev = resolve_device(args.device or run.config.train.device)
         model = run.load_model("best", dev)
-        splits = load_splits(run.config.data, device=dev)
+        splits = prepare_splits(load_splits(run.config.data, device=dev), model.likelihood)
         x = splits.x_test[:args.limit]
         priors = [model.prior if source == "trained" else load_prior_source(
             run, model, source, splits) for source in args.sources]

@@ -21,9 +21,10 @@ def test_defaults_match_the_paper_protocol():
     cfg = load_config()
     assert cfg.model.latent_dim == 40
     assert (cfg.data.name, cfg.likelihood.name, cfg.network.name) == ("mnist", "bernoulli", "mlp")
-    from priorvae.nets import build_networks
+    from priorvae.networks import build_networks
 
-    encoder, _ = build_networks(cfg.network, cfg.model, (1, 28, 28))
+    encoder, _ = build_networks(cfg.network.name, (1, 28, 28), cfg.model.latent_dim, 1,
+                                **cfg.network.kwargs)
     assert [m.out_features for m in encoder.modules() if hasattr(m, "out_features")][:2] \
         == [300, 300]
     assert (cfg.train.batch_size, cfg.train.lr) == (100, 5e-4)

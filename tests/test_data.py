@@ -9,13 +9,13 @@ def _is_binary(t):
     return bool(((t == 0) | (t == 1)).all())
 
 
-def test_digits_split_and_binarization():
+def test_digits_split_keeps_grey_levels():
     s = load_splits("digits")
     assert (len(s.x_train), len(s.x_val), len(s.x_test)) == (1297, 200, 300)
     assert s.input_shape == (1, 8, 8)
-    assert _is_binary(s.x_val) and _is_binary(s.x_test)
-    assert not _is_binary(s.x_train)  # grey levels, binarized per batch
-    assert 0 <= s.x_train.min() and s.x_train.max() <= 1
+    # grey levels in every split: binarizing is the Bernoulli likelihood's business
+    assert not any(_is_binary(x) for x in (s.x_train, s.x_val, s.x_test))
+    assert all(0 <= x.min() and x.max() <= 1 for x in (s.x_train, s.x_val, s.x_test))
     again = load_splits("digits")
     assert torch.equal(s.x_test, again.x_test) and torch.equal(s.x_val, again.x_val)
 
@@ -41,7 +41,8 @@ def test_mnist_split(mnist_root):
     s = load_splits("mnist", root=mnist_root, download=False)
     assert (len(s.x_train), len(s.x_val), len(s.x_test)) == (50_000, 10_000, 10_000)
     assert s.input_shape == (1, 28, 28)
-    assert _is_binary(s.x_val) and _is_binary(s.x_test)
+    assert not _is_binary(s.x_val) and not _is_binary(s.x_test)
+    assert torch.equal(s.x_test * 255, (s.x_test * 255).round())  # 8-bit grey levels k/255
     assert torch.bincount(s.y_test).tolist()[:2] == [980, 1135]  # official test set
     again = load_splits("mnist", root=mnist_root, download=False)
     assert torch.equal(s.x_test, again.x_test)

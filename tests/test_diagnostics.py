@@ -7,6 +7,7 @@ import torch
 
 from priorvae.aggregate import AggregatedPosterior, encode_split
 from priorvae.diagnostics import active_units, elbo_surgery, hole_rate, kl_prior_to_agg, mmd
+from priorvae.likelihoods import build_likelihood
 from priorvae.priors import build_prior
 
 
@@ -104,9 +105,11 @@ def test_encode_split_binarizes_grey_images_reproducibly():
     enc.eval = lambda: None
     enc.train = lambda mode=True: None
     x = torch.rand(10, 1, 2, 2)
-    a, _ = encode_split(enc, x)
-    b, _ = encode_split(enc, x)
+    lik = build_likelihood("bernoulli", (1, 2, 2))
+    a, _ = encode_split(enc, x, likelihood=lik)
+    b, _ = encode_split(enc, x, likelihood=lik)
     assert torch.equal(a, b) and set(a.unique().tolist()) <= {0.0, 1.0}
+    assert torch.equal(encode_split(enc, x)[0], x.flatten(1)[:, :2])  # no likelihood: as is
 
 
 def test_monte_carlo_errors_match_the_spread_of_repeated_draws():

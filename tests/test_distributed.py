@@ -28,7 +28,7 @@ def test_ranks_split_each_global_batch_exactly():
     def batches(world, rank):
         env = DistEnv(rank=rank, world_size=world)
         out = []
-        for b, g, idx in local_batches(ids, order, 100, env, dynamic_binarization=False):
+        for b, g, idx in local_batches(ids, order, 100, env):
             assert torch.equal(b.flatten().long(), idx)  # the indices name the images
             out.append((g, idx.tolist()))
         return out
@@ -42,7 +42,7 @@ def test_ranks_split_each_global_batch_exactly():
     assert [len(v) for _, v in shards[1]] == [33] * 12 + [32]
     # a last batch smaller than the world is dropped, so every rank takes the same steps
     tiny = epoch_order(7, 0, 1, torch.device("cpu"))
-    assert len(list(local_batches(ids[:7], tiny, 5, DistEnv(0, 3), False))) == 1
+    assert len(list(local_batches(ids[:7], tiny, 5, DistEnv(0, 3)))) == 1
 
 
 TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone",

@@ -352,7 +352,10 @@ def test_a_corrupt_classifier_cache_is_one_line(run_dir, tmp_path, capsys, monke
     monkeypatch.setattr(quality, "SHIPPED", {})  # digits' shipped classifier is not the cache
     cache = tmp_path / "cache" / "priorvae" / "classifiers"
     cache.mkdir(parents=True)
-    path = quality.classifier_cache_path(load_splits("digits"), cache)
+    from priorvae.likelihoods import build_likelihood
+
+    path = quality.classifier_cache_path(load_splits("digits"), cache,
+                                         build_likelihood("bernoulli", (1, 8, 8)))
     path.write_bytes(b"not a checkpoint")
     before = (run_dir / "metrics.json").read_bytes()
     code, err = cli("evaluate", run_dir, "--quiet", capsys=capsys)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from priorvae.nets import GaussianLikelihood
+from priorvae.likelihoods.gaussian import Gaussian
 from priorvae.priors import build_prior
 from priorvae.vae import VAE
 
@@ -43,7 +43,7 @@ def model_and_data():
         dec.weight.copy_(w)
         dec.bias.copy_(b)
     prior = build_prior("standard_normal", latent_dim=D).to(dtype)
-    vae = VAE(DiagPosterior(w, b), dec, prior, GaussianLikelihood(S)).to(dtype)
+    vae = VAE(DiagPosterior(w, b), dec, prior, Gaussian((P,), sigma=S)).to(dtype)
     marginal = torch.distributions.MultivariateNormal(b, w @ w.T + S**2 * torch.eye(P, dtype=dtype))
     x = marginal.sample((400,))
     return vae, x, marginal.log_prob(x)

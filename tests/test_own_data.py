@@ -13,6 +13,7 @@ from priorvae.cli import main
 from priorvae.datasets import Splits
 from priorvae.evaluate import write_figures
 from priorvae.figures import latent_atlas, samples_figure
+from priorvae.likelihoods import build_likelihood
 from priorvae.measure import DIAGNOSTIC_KEYS, diagnose
 from priorvae.priors import build_prior
 from priorvae.quality import classifier_unavailable, get_classifier
@@ -60,7 +61,7 @@ def _vector_vae(d: int, latent: int = 2) -> VAE:
             return mu, logvar.clamp(-6, 2)
 
     prior = build_prior("standard_normal", latent_dim=latent)
-    return VAE(Encoder(), nn.Linear(latent, d), prior)
+    return VAE(Encoder(), nn.Linear(latent, d), prior, build_likelihood("bernoulli", (d,)))
 
 
 def test_vectors_without_labels_diagnose_and_draw(tmp_path):
@@ -68,7 +69,8 @@ def test_vectors_without_labels_diagnose_and_draw(tmp_path):
     x = torch.rand(60, 7)  # intensities in [0, 1], (N, D)
     splits = Splits("tensors", x[:40], None, x[40:50], None, x[50:], None, "intensity", None)
     model = _vector_vae(7).eval()
-    assert get_classifier(splits, tmp_path) is None
+    assert get_classifier(splits, tmp_path, likelihood=build_likelihood("bernoulli", (7,))) \
+        is None
     metrics, extras = diagnose(model, splits, None, n=50)
     for key in ("kl", "hole_rate", "mmd", "active_units", "latent_c2st_auc"):
         assert np.isfinite(metrics[key]), key

@@ -6,6 +6,7 @@ import torch
 
 from priorvae.data import load_splits
 from priorvae.datasets import Splits
+from priorvae.likelihoods import build_likelihood, prepare_splits
 from priorvae.quality import (
     SHIPPED,
     class_entropy,
@@ -16,6 +17,8 @@ from priorvae.quality import (
     get_classifier,
     shipped_classifier_path,
 )
+
+BERNOULLI = build_likelihood("bernoulli", (1,))  # only its flags matter to the classifier
 
 
 def test_frechet_distance_closed_form_for_diagonal_gaussians():
@@ -37,8 +40,9 @@ def test_class_entropy_extremes():
 
 def test_a_classifier_is_trained_cached_and_accurate_for_data_without_shipped_weights(
         tmp_path):
-    splits = dataclasses.replace(load_splits("digits"), name="digits_elsewhere")
-    clf = get_classifier(splits, tmp_path)
+    splits = dataclasses.replace(prepare_splits(load_splits("digits"), BERNOULLI),
+                                 name="digits_elsewhere")
+    clf = get_classifier(splits, tmp_path, likelihood=BERNOULLI)
     assert clf.origin == "trained"
     cached = list(tmp_path.glob("digits_elsewhere-*.pt"))
     assert len(cached) == 1
@@ -46,7 +50,7 @@ def test_a_classifier_is_trained_cached_and_accurate_for_data_without_shipped_we
     assert feats.shape == (300, 64) and probs.shape == (300, 10)
     assert (probs.argmax(1) == splits.y_test).float().mean() > 0.8  # binarized 8x8 digits
     state = torch.get_rng_state()
-    again = get_classifier(splits, tmp_path)  # from the cache, identical
+    again = get_classifier(splits, tmp_path, likelihood=BERNOULLI)  # from the cache, identical
     assert again.origin == "cached"
     assert torch.equal(state, torch.get_rng_state()), "loading must not move the global RNG"
     torch.testing.assert_close(features(again, splits.x_test)[0], feats)
@@ -69,14 +73,14 @@ def test_shipped_classifiers_load_with_their_recorded_digest(name, tmp_path):
     recorded = torch.load(path, weights_only=True)
     assert recorded["digest"] == SHIPPED[name]
     shape = {"digits": (1, 8, 8), "mnist": (1, 28, 28)}[name]
-    clf = get_classifier(_fake_splits(name, shape, 10), tmp_path)
+    clf = get_classifier(_fake_splits(name, shape, 10), tmp_path, likelihood=BERNOULLI)
     assert clf.origin == "shipped" and classifier_digest(clf) == SHIPPED[name]
     assert not list(tmp_path.iterdir())  # nothing trained, nothing cached
 
 
 def test_shipped_digits_classifier_recognises_the_test_digits():
-    splits = load_splits("digits")
-    clf = get_classifier(splits, None)
+    splits = prepare_splits(load_splits("digits"), BERNOULLI)
+    clf = get_classifier(splits, None, likelihood=BERNOULLI)
     assert clf.origin == "shipped"
     _, probs = features(clf, splits.x_test)
     assert (probs.argmax(1) == splits.y_test).float().mean() > 0.8
@@ -84,10 +88,10 @@ def test_shipped_digits_classifier_recognises_the_test_digits():
 
 def test_data_without_labels_has_no_classifier_and_says_why(tmp_path):
     splits = _fake_splits("tensors", (5,), 3, labelled=False)
-    assert get_classifier(splits, tmp_path) is None
+    assert get_classifier(splits, tmp_path, likelihood=BERNOULLI) is None
     assert classifier_unavailable(splits).startswith("no labels: data set 'tensors' has none")
     # labels with their class count from the data set, on vectors
     labelled = _fake_splits("tensors", (5,), 3)
     assert classifier_unavailable(labelled) is None
-    clf = get_classifier(labelled, tmp_path, epochs=1)
+    clf = get_classifier(labelled, tmp_path, epochs=1, likelihood=BERNOULLI)
     assert features(clf, labelled.x_test)[1].shape == (20, 3)

@@ -20,6 +20,7 @@ from torch import nn
 
 from .data import iterate_batches
 from .gaussian import mixture_log_prob
+from .likelihoods import Likelihood, prepare_once
 from .registry import Prior
 
 __all__ = ["AggregatedPosterior", "encode_split", "mixture_evaluation_limits"]
@@ -74,15 +75,16 @@ class AggregatedPosterior(Prior):
 
 @torch.no_grad()
 def encode_split(encoder: nn.Module, x: torch.Tensor, batch_size: int = 1000,
-                 binarize_seed: int | None = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Posterior parameters (mu, logvar), each (N, D), of the images ``x``.
+                 likelihood: Likelihood | None = None, seed: int = 0
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior parameters (mu, logvar), each (N, D), of the items ``x`` (N, ...).
 
-    Grey-level images (the training split) are binarized once with ``binarize_seed`` so the
-    result is reproducible; binary images are used as they are.
+    ``x`` is encoded as it is (prepared held-out data), or, given the model's ``likelihood``,
+    first prepared once by it with a generator seeded ``seed`` (the training split's grey
+    levels, binarized reproducibly by the Bernoulli likelihood).
     """
-    if binarize_seed is not None and not bool(((x == 0) | (x == 1)).all()):
-        gen = torch.Generator(device=x.device).manual_seed(binarize_seed)
-        x = torch.bernoulli(x, generator=gen)
+    if likelihood is not None:
+        x = prepare_once(likelihood, x, seed)
     mus, logvars = [], []
     was_training = encoder.training
     encoder.eval()

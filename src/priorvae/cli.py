@@ -124,6 +124,7 @@ def _cmd_sample(args) -> int:
     from .aggregate import AggregatedPosterior, encode_split
     from .data import load_splits
     from .expost import load_prior_source
+    from .likelihoods import prepare_splits
     from .measure import decode_samples
     from .runs import TRAINED, Run, atomic_write_bytes
 
@@ -144,7 +145,7 @@ def _cmd_sample(args) -> int:
             what = "prior samples" + (f" ({args.prior_source})"
                                       if args.prior_source != TRAINED else "")
         else:
-            splits = load_splits(run.config.data)
+            splits = prepare_splits(load_splits(run.config.data), model.likelihood)
             if args.source == "posterior":
                 if not 0 <= args.index < len(splits.x_test):
                     raise PriorVAEError(f"--index must be in [0, {len(splits.x_test)}), "
@@ -153,8 +154,8 @@ def _cmd_sample(args) -> int:
                 z = mu + torch.exp(0.5 * logvar) * torch.randn(args.n, mu.shape[1])
                 what = f"samples of the posterior of test image {args.index}"
             else:
-                z = AggregatedPosterior(*encode_split(model.encoder, splits.x_train)).sample(
-                    args.n)
+                z = AggregatedPosterior(*encode_split(model.encoder, splits.x_train,
+                                                      likelihood=model.likelihood)).sample(args.n)
                 what = "aggregated-posterior samples"
         images = decode_samples(model, z)
         condition = splits.x_test[args.index] if args.source == "posterior" else None

@@ -3,6 +3,8 @@
 ``test_elbo`` is the mean single-sample ELBO per test image (nats, negative).
 ``test_nll`` is the mean over test images of -IWAE_K(x), the importance-weighted estimate of
 -log p(x) with K samples (positive nats; an upper bound on the true NLL in expectation).
+``test_bits_per_dim`` (likelihoods with ``bits_per_dim``: a probability mass over the 256
+levels of 8-bit data) is test_nll / (D ln 2), D values per item.
 The diagnostics are those of :func:`priorvae.measure.diagnose` (names in
 :data:`priorvae.measure.DIAGNOSTIC_KEYS`).
 """
@@ -19,6 +21,7 @@ import torch
 
 from .data import load_splits
 from .errors import RunError
+from .likelihoods import prepare_splits
 from .measure import diagnose, mean_elbo, mean_iwae_nlls
 from .metrics_schema import SUMMARY_KEYS
 from .quality import (
@@ -176,7 +179,7 @@ def evaluate_sources(run_dir: str | Path, prior_sources: list[str] | tuple[str, 
         # every result names the checkpoint it came from (sha256 of best.pt's bytes)
         best["_sha256"] = file_sha256(run.checkpoint_path("best"))
         model = run.load_model("best", dev, best)
-        splits = load_splits(cfg.data, device=dev)
+        splits = prepare_splits(load_splits(cfg.data, device=dev), model.likelihood)
         trained_prior = model.prior
         # every source's prior and limits first: a missing or damaged one stops us before work
         plans: dict[tuple, list[dict]] = {}
@@ -204,8 +207,8 @@ def evaluate_sources(run_dir: str | Path, prior_sources: list[str] | tuple[str, 
         # one classifier for every source's fd_* and feature_* (loaded or trained once; it
         # draws from its own generator, so the sources' random states are untouched)
         # (none for data without labels: the feature measures are skipped, with the reason)
-        classifier = (get_classifier(splits, classifier_cache_dir(), progress=progress)
-                      if diagnostics else None)
+        classifier = (get_classifier(splits, classifier_cache_dir(), progress=progress,
+                                     likelihood=model.likelihood) if diagnostics else None)
         # the matched comparison: the group with the fewest (K x images) carries every other
         # source (and the run's own prior) in its decoder pass as passengers, so that all are
         # also scored on the same images with the same draws (paired differences)
@@ -316,6 +319,8 @@ def _evaluate_group(run: Run, model, splits, best: dict, group: list[dict], x: t
                    "evaluated_epoch": best.get("epoch") if type(best.get("epoch")) is int
                    else None, "evaluated_checkpoint": best["_sha256"],
                    "evaluation_fallback": plan["fallback"]}
+        if model.likelihood.bits_per_dim:  # 8-bit data under a probability mass: NLL/(D ln 2)
+            results["test_bits_per_dim"] = model.likelihood.nll_bits_per_dim(nll)
         bad = non_finite(results)
         if bad:  # the model's own numbers: refused, nothing of this source is written
             raise RunError(f"prior source {label!r}: non-finite {bad[0]} ({results[bad[0]]}) "

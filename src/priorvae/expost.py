@@ -40,6 +40,7 @@ from .config import dump_toml, tomllib
 from .data import input_shape, load_splits
 from .errors import PriorError, RunError
 from .gaussian import component_log_probs
+from .likelihoods import prepare_splits
 from .priors import PRIORS, Prior, PriorContext, build_prior, get_prior_class
 from .runs import (
     AGGREGATE,
@@ -201,7 +202,7 @@ def fit_prior(run_dir: str | Path, name: str, kwargs: dict[str, Any] | None = No
     with run.lock("fit-prior"):
         dev = resolve_device(device or cfg.train.device)
         model = run.load_model("best", dev)
-        splits = load_splits(cfg.data, device=dev)
+        splits = prepare_splits(load_splits(cfg.data, device=dev), model.likelihood)
         torch.manual_seed(seed)
         context = PriorContext(encoder=_frozen(model.encoder), input_shape=splits.input_shape,
                                data=splits.x_train)
@@ -211,7 +212,7 @@ def fit_prior(run_dir: str | Path, name: str, kwargs: dict[str, Any] | None = No
         if not params:
             raise PriorError(f"prior {name!r} has nothing to fit (no learnable parameters); use "
                              f"it as it is, or fit a learnable prior such as mog or flow")
-        mu_tr, lv_tr = encode_split(model.encoder, splits.x_train)
+        mu_tr, lv_tr = encode_split(model.encoder, splits.x_train, likelihood=model.likelihood)
         mu_va, lv_va = encode_split(model.encoder, splits.x_val)
         z_val = _draw(mu_va, lv_va, torch.Generator(device=dev).manual_seed(seed + 1))
         spec_path, weights_path = run.prior_source_files(label)
@@ -407,7 +408,8 @@ def load_prior_source(run: Run, model, source: str = TRAINED, splits=None):
     if source == AGGREGATE:
         if splits is None:
             splits = load_splits(run.config.data, device=device)
-        return AggregatedPosterior(*encode_split(model.encoder, splits.x_train))
+        return AggregatedPosterior(*encode_split(model.encoder, splits.x_train,
+                                                 likelihood=model.likelihood))
     spec_path, weights_path = run.prior_source_files(source)
     if not _LABEL.fullmatch(source) or not spec_path.is_file():
         old = " (its priors/*.pt was written by an older priorvae, which kept the prior's name " \

@@ -8,7 +8,8 @@ names below are the one list that ``evaluate``, ``compare``, the command line an
 read.
 
 The two-sample measures come in two spaces: ``latent_*`` (prior samples against one posterior
-draw of each held-out image) and ``feature_*`` (decoded, binarized prior samples against
+draw of each held-out image) and ``feature_*`` (decoded prior samples, drawn from the
+likelihood where it says ``feature_draws``, against
 held-out images, in the quality classifier's features): ``precision``, ``recall`` (k = 3),
 ``density``, ``coverage`` (k = 5), ``c2st_auc`` and ``c2st_acc`` (classifier two-sample test;
 0.5 = indistinguishable).
@@ -22,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .aggregate import AggregatedPosterior, encode_split
-from .data import BINARIZED_TYPES, Splits, iterate_batches
+from .data import Splits, iterate_batches
 from .diagnostics import active_units, elbo_surgery, hole_rate, kl_prior_to_agg, mmd
 from .quality import class_entropy, features, frechet_distance
 from .stop import check_stop
@@ -124,13 +125,15 @@ def mean_iwae_nlls(model: VAE, x: torch.Tensor, k: int, priors: list, batch_size
 
 
 @torch.no_grad()
-def decode_samples(model: VAE, z: torch.Tensor, binary: bool = False,
+def decode_samples(model: VAE, z: torch.Tensor, sample: bool = False,
                    batch_size: int = 1000) -> torch.Tensor:
-    """Images decoded from latent codes z (N, D): pixel probabilities, or one Bernoulli draw."""
+    """Items decoded from latent codes z (N, D): the likelihood's means (pixel probabilities
+    for Bernoulli), or one draw from it (``sample``)."""
     out = []
+    lik = model.likelihood
     for start in range(0, len(z), batch_size):
-        probs = model.likelihood.mean(model.decode(z[start:start + batch_size]))
-        out.append(torch.bernoulli(probs) if binary else probs)
+        params = model.decode(z[start:start + batch_size])
+        out.append(lik.sample(params) if sample else lik.mean(params))
     return torch.cat(out)
 
 
@@ -167,9 +170,9 @@ def _diagnose(model, splits, classifier, n, train_subset, heldout, heldout_label
     x_train = splits.x_train if train_subset is None else splits.x_train[:train_subset]
     held = splits.x_test if heldout is None else heldout
     labels = splits.y_test if heldout_labels is None else heldout_labels
-    seed = 0 if splits.value_type in BINARIZED_TYPES else None  # grey levels binarized once
-    mu_tr, lv_tr = encode_split(model.encoder, x_train, binarize_seed=seed)
-    mu_te, lv_te = encode_split(model.encoder, held, binarize_seed=seed)
+    # the training split prepared once (seed 0) as the model sees data; held-out: prepared
+    mu_tr, lv_tr = encode_split(model.encoder, x_train, likelihood=model.likelihood)
+    mu_te, lv_te = encode_split(model.encoder, held)
     agg = AggregatedPosterior(mu_tr, lv_tr)
     metrics: dict = dict(elbo_surgery(mu_tr, lv_tr, model.prior, n_points=n_log_prob))
     metrics["kl_prior_to_agg"], metrics["kl_prior_to_agg_stderr"] = kl_prior_to_agg(
@@ -197,9 +200,8 @@ def _diagnose(model, splits, classifier, n, train_subset, heldout, heldout_label
               "threshold": holes["threshold"], "log_q_prior": holes["log_q_prior"],
               "log_q_posterior": holes["log_q_posterior"]}
     k = min(n, len(held))
-    x_prior = decode_samples(model, z_prior[:k])
-    x_agg = decode_samples(model, z_agg[:k])
-    extras["x_prior"], extras["x_agg"] = x_prior[:64], x_agg[:64]
+    extras["x_prior"] = decode_samples(model, z_prior[:min(k, 64)])
+    extras["x_agg"] = decode_samples(model, z_agg[:min(k, 64)])
     extras["x_orig"], extras["x_recon"] = held[:32], decode_samples(model, mu_te[:32])
     order = c2st["hole_score"].argsort()  # held-out prior samples, most q-like first
     pick = {"best": order[:32], "worst": order[-32:].flip(0)}
@@ -210,10 +212,10 @@ def _diagnose(model, splits, classifier, n, train_subset, heldout, heldout_label
     extras["c2st_heldout"] = (len(c2st["hole_score"]), m_two - m_two // 2)  # (p, q) points
     if classifier is not None:
         f_ref, _ = features(classifier, held[:k])
-        # decoded means binarized like the held-out images they are compared with
-        observe = torch.bernoulli if splits.value_type in BINARIZED_TYPES else (lambda x: x)
-        f_prior, p_prior = features(classifier, observe(x_prior))
-        f_agg, p_agg = features(classifier, observe(x_agg))
+        # decoded like the held-out data they are compared with: draws (Bernoulli: binary)
+        draws = model.likelihood.feature_draws
+        f_prior, p_prior = features(classifier, decode_samples(model, z_prior[:k], draws))
+        f_agg, p_agg = features(classifier, decode_samples(model, z_agg[:k], draws))
         metrics["fd_prior"] = frechet_distance(f_prior, f_ref)
         metrics["fd_aggregate"] = frechet_distance(f_agg, f_ref)
         metrics["fd_prior_stderr"] = _bootstrap_fd(f_prior, f_ref)

@@ -12,7 +12,7 @@ People judge samples by eye; these numbers stand in for that:
 reference weights shipped in the package (``priorvae/classifiers/NAME.pt``, trained by
 :func:`_train_classifier` with seed 0 on one CPU thread; their digests in :data:`SHIPPED`), so
 fd_* and feature_* compare across machines; for other labelled data a small MLP trained on
-the training split (dynamically binarized when the values lie in [0, 1]) once and cached in
+the training split (as the likelihood prepares it: Bernoulli binarizes) once and cached in
 the user cache (``~/.cache/priorvae/classifiers/NAME-FINGERPRINT.pt``). Data without labels
 has no classifier: :func:`classifier_unavailable` says why, and the feature measures are
 skipped with that reason.
@@ -28,8 +28,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .data import BINARIZED_TYPES, Splits, iterate_batches
+from .data import Splits, iterate_batches
 from .errors import DataError, RunError
+from .likelihoods import Likelihood
 from .stop import check_stop
 
 __all__ = ["Classifier", "get_classifier", "classifier_cache_dir", "classifier_digest",
@@ -62,12 +63,12 @@ class Classifier(nn.Module):
         return self.head(self.features(x))
 
 
-def _train_classifier(splits: Splits, epochs: int, seed: int = 0) -> tuple[Classifier, float]:
+def _train_classifier(splits: Splits, likelihood: Likelihood, epochs: int, seed: int = 0
+                      ) -> tuple[Classifier, float]:
     gen = torch.Generator(device=splits.x_train.device).manual_seed(seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = Classifier(splits.input_shape, splits.n_classes).to(splits.x_train.device)
-    binary = splits.value_type in BINARIZED_TYPES
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     n = len(splits.x_train)
     for _ in range(epochs):
@@ -75,8 +76,7 @@ def _train_classifier(splits: Splits, epochs: int, seed: int = 0) -> tuple[Class
         order = torch.randperm(n, device=splits.x_train.device, generator=gen)
         for start in range(0, n, 128):
             idx = order[start:start + 128]
-            x = splits.x_train[idx]
-            x = torch.bernoulli(x, generator=gen) if binary else x
+            x = likelihood.prepare_fixed(splits.x_train[idx], gen)  # as the model sees data
             loss = nn.functional.cross_entropy(model(x), splits.y_train[idx])
             opt.zero_grad()
             loss.backward()
@@ -116,11 +116,12 @@ def _fingerprint(splits: Splits) -> str:
     return digest.hexdigest()[:12]
 
 
-def classifier_cache_path(splits: Splits, cache_dir: str | Path) -> Path:
+def classifier_cache_path(splits: Splits, cache_dir: str | Path, likelihood: Likelihood) -> Path:
     """Where the classifier trained for ``splits`` is cached: ``NAME-FINGERPRINT.pt`` (the
-    fingerprint: the training split's values and labels; ``-values`` when not binarized)."""
-    binary = splits.value_type in BINARIZED_TYPES
-    return Path(cache_dir) / f"{splits.name}-{_fingerprint(splits)}{'' if binary else '-values'}.pt"
+    fingerprint: the training split's values and labels; ``-values`` when the likelihood
+    does not binarize)."""
+    suffix = "" if likelihood.binarizes else "-values"
+    return Path(cache_dir) / f"{splits.name}-{_fingerprint(splits)}{suffix}.pt"
 
 
 def _load(path: Path, splits: Splits, origin: str) -> Classifier:
@@ -144,14 +145,15 @@ def _load(path: Path, splits: Splits, origin: str) -> Classifier:
 
 
 def get_classifier(splits: Splits, cache_dir: str | Path | None, epochs: int | None = None,
-                   progress: bool = False) -> Classifier | None:
-    """The data set's classifier: the shipped reference weights for the built-in sets
-    (:data:`SHIPPED`, when the held-out images are binarized as they were trained), else
-    trained once and cached in ``cache_dir`` (None: no cache). None when the data set has no
-    labels (:func:`classifier_unavailable` says why)."""
+                   progress: bool = False, *, likelihood: Likelihood) -> Classifier | None:
+    """The data set's classifier for data as ``likelihood`` prepares them (``splits``: held-out
+    splits prepared, :func:`~priorvae.likelihoods.prepare_splits`): the shipped reference
+    weights for the built-in sets (:data:`SHIPPED`, when the likelihood binarizes, as they were
+    trained), else trained once and cached in ``cache_dir`` (None: no cache). None when the
+    data set has no labels (:func:`classifier_unavailable` says why)."""
     if classifier_unavailable(splits):
         return None
-    binary = splits.value_type in BINARIZED_TYPES
+    binary = likelihood.binarizes
     shipped = shipped_classifier_path(splits.name)
     if splits.name in SHIPPED and binary and shipped.is_file():
         model = _load(shipped, splits, "shipped")
@@ -159,13 +161,13 @@ def get_classifier(splits: Splits, cache_dir: str | Path | None, epochs: int | N
             raise DataError(f"{shipped} has digest {classifier_digest(model)}, expected "
                             f"{SHIPPED[splits.name]}: the package is damaged; reinstall it")
         return model
-    path = classifier_cache_path(splits, cache_dir) if cache_dir else None
+    path = classifier_cache_path(splits, cache_dir, likelihood) if cache_dir else None
     if path is not None and os.path.lexists(path):
         return _load(path, splits, "cached")
     epochs = epochs or (40 if len(splits.x_train) < 5000 else 5)
     if progress:
         print(f"training the {splits.name} classifier for sample quality ({epochs} epochs)...")
-    model, acc = _train_classifier(splits, epochs)
+    model, acc = _train_classifier(splits, likelihood, epochs)
     if progress:
         print(f"classifier test accuracy {acc:.4f}")
     if path is not None:

@@ -21,11 +21,12 @@ import torch
 from tqdm.auto import tqdm
 
 from .config import Config, pin_plugins
-from .data import BINARIZED_TYPES, binarize, load_splits
+from .data import load_splits
 from .datasets import check_suits
 from .distributed import DistEnv, all_reduce_sum, broadcast_object, teardown, world_size
 from .distributed import setup as dist_setup
 from .errors import ConfigError, PriorVAEError, RunBusyError, RunError, TrainingError
+from .likelihoods import get_likelihood_class, prepare_splits
 from .measure import diagnose, mean_elbo
 from .runs import (
     CONFIG_FILE,
@@ -38,7 +39,7 @@ from .runs import (
 )
 from .sanity import absurd, non_finite, warn
 from .stop import check_stop
-from .vae import VAE, build_vae
+from .vae import VAE, build_vae, likelihood_spec
 
 __all__ = ["train", "train_epoch", "TrainState", "train_step", "beta_at", "global_mean_elbo",
            "make_optimizer", "normalize_gradients", "epoch_order", "local_batches",
@@ -122,9 +123,10 @@ def epoch_order(n: int, seed: int, epoch: int, device: torch.device) -> torch.Te
 
 
 def local_batches(x: torch.Tensor, order: torch.Tensor, batch_size: int, env: DistEnv,
-                  dynamic_binarization: bool = True):
-    """This rank's share of each global batch: (binarized local batch, global batch size,
-    the local batch's positions in ``x``).
+                  prepare=None):
+    """This rank's share of each global batch: (local batch, prepared by ``prepare`` (the
+    likelihood's: Bernoulli binarizes afresh) if given, global batch size, the local batch's
+    positions in ``x``).
 
     Global batch b is ``order[b*B:(b+1)*B]``; rank r takes positions r, r + W, r + 2W, ... of
     it, so W processes together take exactly the batches one process would. A last global
@@ -139,7 +141,7 @@ def local_batches(x: torch.Tensor, order: torch.Tensor, batch_size: int, env: Di
         else:
             idx_local = idx
         batch = x[idx_local]
-        yield (binarize(batch) if dynamic_binarization else batch), len(idx), idx_local
+        yield (batch if prepare is None else prepare(batch)), len(idx), idx_local
 
 
 @torch.no_grad()
@@ -186,8 +188,9 @@ def compile_forward(module, device: torch.device):
 def train_epoch(model: VAE, opt: torch.optim.Optimizer, x_train: torch.Tensor, epoch: int,
                 cfg: Config, env: DistEnv | None = None, forward=None,
                 progress: bool = False) -> dict[str, float]:
-    """One pass over the (grey-level) training images ``x_train`` (N, C, H, W), each batch
-    binarized afresh; returns the epoch's mean loss, elbo, recon and kl over all ranks.
+    """One pass over the training images ``x_train`` (N, ...) as loaded, each batch prepared
+    afresh by the likelihood (Bernoulli: binarized); returns the epoch's mean loss, elbo,
+    recon and kl over all ranks.
 
     Raises:
         TrainingError: a step's loss was not finite (the message names the epoch and step).
@@ -200,7 +203,8 @@ def train_epoch(model: VAE, opt: torch.optim.Optimizer, x_train: torch.Tensor, e
     # sums of (loss, elbo, recon, kl, images) stay on the device: no host sync per step
     sums = torch.zeros(5, dtype=torch.float64, device=device)
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
-    steps = tqdm(local_batches(x_train, order, tc.batch_size, env), leave=False,
+    steps = tqdm(local_batches(x_train, order, tc.batch_size, env, model.likelihood.prepare),
+                 leave=False,
                  total=math.ceil(len(x_train) / tc.batch_size), desc=f"epoch {epoch}",
                  disable=not progress, dynamic_ncols=True)
     # a prior made of the training images must know which images a batch holds, so that no
@@ -271,10 +275,13 @@ def _train(cfg: Config, run_dir: Path, progress: bool, env: DistEnv,
     # leaves nothing behind
     check_joint(cfg)
     splits = load_splits(cfg.data, device=device)
-    # the likelihood must accept the data's values (today's is Bernoulli)
-    check_suits(splits.value_type, "bernoulli", BINARIZED_TYPES, cfg.data.name)
+    # the likelihood must accept the data's values
+    lik_name, lik_sha, _ = likelihood_spec(cfg)
+    check_suits(splits.value_type, lik_name,
+                get_likelihood_class(lik_name, lik_sha).value_types, cfg.data.name)
     torch.manual_seed(tc.seed)
     model = build_vae(cfg, splits.input_shape, data=splits.x_train).to(device)
+    splits = prepare_splits(splits, model.likelihood)  # validation and test, once
     opt = make_optimizer(model.parameters(), tc.lr)
     if env.enabled:  # each rank its own noise (binarization, eps); the shuffle is shared
         torch.manual_seed(tc.seed + 7919 * env.rank)
@@ -315,7 +322,8 @@ def _train(cfg: Config, run_dir: Path, progress: bool, env: DistEnv,
                     from .quality import classifier_cache_dir, get_classifier
 
                     classifier = get_classifier(splits, classifier_cache_dir(),
-                                                progress=progress)
+                                                progress=progress,
+                                                likelihood=model.likelihood)
             epochs = tqdm(range(state.epoch + 1, tc.epochs + 1), desc="epochs",
                           initial=state.epoch, total=tc.epochs, disable=not progress,
                           dynamic_ncols=True)

@@ -4,8 +4,10 @@ With q(z|x) = N(mu(x), diag(exp(logvar(x)))), z = mu + sigma * eps, the single-s
 
     ELBO(x) = log p(x|z) - [log q(z|x) - log p(z)]
 
-(the bracket is the Monte-Carlo KL). The VAE never asks which prior it has: it only calls
-``prior.log_prob`` (once per step) and ``prior.sample``. The importance-weighted bound
+(the bracket is the Monte-Carlo KL). The VAE never asks which prior, likelihood or networks
+it has: it only calls ``prior.log_prob`` (once per step), ``prior.sample``,
+``likelihood.log_prob`` (log p(x|z), :mod:`priorvae.likelihoods`) and ``likelihood.mean``.
+The importance-weighted bound
 
     IWAE_k(x) = logsumexp_i [log p(x|z_i) + log p(z_i) - log q(z_i|x)] - log k,  z_i ~ q(z|x)
 
@@ -28,10 +30,11 @@ from torch import nn
 from .config import Config
 from .errors import PriorError
 from .gaussian import LOG_2PI
-from .nets import BernoulliLikelihood, build_networks
-from .registry import PriorContext, build_prior, get_prior_class
+from .likelihoods import Likelihood, build_likelihood
+from .networks import build_networks
+from .priors import PriorContext, build_prior, get_prior_class
 
-__all__ = ["VAE", "build_vae"]
+__all__ = ["VAE", "build_vae", "likelihood_spec", "network_spec"]
 
 
 def _full(t: torch.Tensor) -> torch.Tensor:
@@ -40,30 +43,31 @@ def _full(t: torch.Tensor) -> torch.Tensor:
 
 
 class VAE(nn.Module):
-    """Encoder, decoder, prior and likelihood (Bernoulli by default).
+    """Encoder, decoder, prior and likelihood.
 
     Args:
         encoder: x (B, ...) -> (mu, logvar), each (B, D).
-        decoder: z (B, D) -> likelihood parameters (B, ...) (Bernoulli logits by default).
+        decoder: z (B, D) -> likelihood parameters (B, ...).
         prior: a :class:`~priorvae.registry.Prior` (``log_prob(z) -> (B,)``,
             ``sample(n) -> (n, D)``).
-        likelihood: module ``(decoder_output, x) -> log p(x|z)`` of shape (B,), with ``mean``.
+        likelihood: a :class:`~priorvae.likelihoods.Likelihood` (``log_prob(out, x) -> (B,)``,
+            ``mean``, ``sample``, ``prepare``).
     """
 
     def __init__(self, encoder: nn.Module, decoder: nn.Module, prior: nn.Module,
-                 likelihood: nn.Module | None = None):
+                 likelihood: Likelihood):
         super().__init__()
         self.encoder = encoder
         self.decoder = decoder
         self.prior = prior
-        self.likelihood = likelihood if likelihood is not None else BernoulliLikelihood()
+        self.likelihood = likelihood
 
     def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior parameters (mu, logvar), each (B, D)."""
         return self.encoder(x)
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """Decoder output (Bernoulli logits for binary data): (B, D) -> (B, ...)."""
+        """Decoder output, the likelihood's parameters: (B, D) -> (B, ...)."""
         return self.decoder(z)
 
     def forward(self, x: torch.Tensor, index: torch.Tensor | None = None
@@ -149,7 +153,7 @@ class VAE(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int) -> torch.Tensor:
-        """n images decoded from prior samples (pixel probabilities): (n, ...)."""
+        """Means of n items decoded from prior samples (pixel probabilities): (n, ...)."""
         return self.likelihood.mean(self.decode(self.prior.sample(n)))
 
     @torch.no_grad()
@@ -158,16 +162,35 @@ class VAE(nn.Module):
         return self.likelihood.mean(self.decode(self.encode(x)[0]))
 
 
+def likelihood_spec(cfg: Config) -> tuple[str, str | None, dict]:
+    """(name, the file's sha256 for a file spec, arguments) of ``[likelihood]``."""
+    t = cfg.likelihood
+    return t.name, t.file_sha256, dict(t.kwargs)
+
+
+def network_spec(cfg: Config) -> tuple[str, str | None, dict]:
+    """(name, the file's sha256 for a file spec, arguments) of ``[network]``."""
+    t = cfg.network
+    return t.name, t.file_sha256, dict(t.kwargs)
+
+
 def build_vae(cfg: Config, input_shape, data: torch.Tensor | None = None) -> VAE:
-    """Networks from ``[network]`` and ``[model]``, prior from ``[prior]`` (given the encoder
-    as context)."""
-    encoder, decoder = build_networks(cfg.network, cfg.model, input_shape)
+    """Likelihood (``[likelihood]``), encoder and decoder (``[network]``, ``[model]``; their
+    output width from the likelihood) and prior (``[prior]``, given the encoder as context)."""
+    input_shape = tuple(input_shape)
+    name, sha, kwargs = likelihood_spec(cfg)
+    likelihood = build_likelihood(name, input_shape, sha256=sha, **kwargs)
+    name, sha, kwargs = network_spec(cfg)
+    encoder, decoder = build_networks(name, input_shape, cfg.model.latent_dim,
+                                      likelihood.out_channels(input_shape[0]),
+                                      cfg.model.logvar_min, cfg.model.logvar_max, sha256=sha,
+                                      **kwargs)
     if data is None:  # restoring: priors that initialise from data get a placeholder
         if get_prior_class(cfg.prior.name, cfg.prior.file_sha256).needs_data:
             raise PriorError(f"prior {cfg.prior.name!r} is made of the training images: "
                              f"build it with data=the training split (Run.build_model does)")
         data = torch.zeros(1, *input_shape)
-    context = PriorContext(encoder=encoder, input_shape=tuple(input_shape), data=data)
+    context = PriorContext(encoder=encoder, input_shape=input_shape, data=data)
     prior = build_prior(cfg.prior.name, latent_dim=cfg.model.latent_dim, context=context,
                         file_sha256=cfg.prior.file_sha256, **cfg.prior.kwargs)
-    return VAE(encoder, decoder, prior)
+    return VAE(encoder, decoder, prior, likelihood)
