@@ -71,7 +71,7 @@ __all__ = [
 ]
 
 ENTRY_POINT_GROUP = "priorvae.priors"
-CONTEXT_FIELDS = ("encoder", "input_shape", "data")
+CONTEXT_FIELDS = ("encoder", "input_shape", "data", "likelihood")
 
 
 class Prior(nn.Module):
@@ -198,6 +198,7 @@ class PriorContext:
     encoder: nn.Module | None = None
     input_shape: tuple[int, ...] | None = None
     data: torch.Tensor | None = None
+    likelihood: nn.Module | None = None  # the VAE's (prepares data as the model sees them)
 
 
 PRIORS = Registry("prior", Prior, ENTRY_POINT_GROUP, reserved=("latent_dim", *CONTEXT_FIELDS),

@@ -2,7 +2,8 @@
 
     p(z) = 1/N sum_n N(z; mu(x_n), sigma^2 I)
 
-over N exemplars x_n (training images, binarized once) encoded by the VAE's own encoder, with
+over N exemplars x_n (training images, prepared once by the VAE's likelihood: binarized with
+seed 0 for Bernoulli) encoded by the VAE's own encoder, with
 one learnable shared variance sigma^2. In a training step (leave-one-out) an image never
 scores itself: its own component is left out, so the prior cannot collapse onto the training
 codes; and a random subset of M exemplars stands in for all N (the paper also uses nearest
@@ -27,6 +28,7 @@ from torch import nn
 from priorvae.aggregate import mixture_evaluation_limits
 from priorvae.errors import PriorError
 from priorvae.gaussian import LOG_2PI, logsumexp, mixture_log_prob
+from priorvae.likelihoods import prepare_once
 from priorvae.priors.base import Prior, register_prior
 
 __all__ = ["ExemplarPrior"]
@@ -39,7 +41,9 @@ class ExemplarPrior(Prior):
     Args:
         latent_dim: D.
         encoder: x (B, C, H, W) -> (mu, logvar) (build context; the VAE's encoder).
-        data: training images (N, C, H, W) in [0, 1] (build context).
+        data: training images (N, C, H, W) as loaded (build context).
+        likelihood: the VAE's likelihood (build context), which prepares the images once
+            (``prepare_fixed``, seed 0) as the model sees them.
         n_exemplars: how many training images serve as exemplars (a random subset, drawn
             once); None: all of them.
         subset: M, exemplars per training step (a fresh random subset each step).
@@ -49,7 +53,8 @@ class ExemplarPrior(Prior):
     needs_data = True
 
     def __init__(self, latent_dim: int, encoder: nn.Module, data: torch.Tensor,
-                 n_exemplars: int | None = None, subset: int = 500, init_logvar: float = -2.0):
+                 likelihood: nn.Module, n_exemplars: int | None = None, subset: int = 500,
+                 init_logvar: float = -2.0):
         super().__init__(latent_dim)
         n = len(data)
         if n_exemplars is not None and not 2 <= n_exemplars <= n:
@@ -63,11 +68,12 @@ class ExemplarPrior(Prior):
                  else torch.randperm(n)[:n_exemplars].sort().values)
         self.register_buffer("index", index)  # the exemplar set: saved, so a restore rebuilds it
         self.register_buffer("n_data", torch.tensor(n))
-        # binarized once with a fixed seed (the same images every time), stored as bytes;
-        # not part of the state_dict: the images come from the data, not from the checkpoint
-        gen = torch.Generator(device=data.device).manual_seed(0)
-        binary = torch.bernoulli(data.float(), generator=gen).to(torch.uint8)
-        self.register_buffer("images", binary, persistent=False)
+        # prepared once with a fixed seed (the same images every time), binary ones stored as
+        # bytes; not part of the state_dict: the images come from the data, not the checkpoint
+        images = prepare_once(likelihood, data.float(), 0)
+        if bool(((images == 0) | (images == 1)).all()):
+            images = images.to(torch.uint8)
+        self.register_buffer("images", images, persistent=False)
         self.logvar = nn.Parameter(torch.tensor(float(init_logvar)))
 
     @property

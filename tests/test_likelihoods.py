@@ -161,3 +161,30 @@ def test_unknown_likelihood_and_argument_are_refused():
         build_likelihood("discretized_logistic", (1,), mixtures=3)
     with pytest.raises(ConfigError, match="variance must be one of"):
         build_likelihood("gaussian", (1,), variance="learned")
+
+
+def test_exemplar_prior_takes_its_images_as_the_likelihood_prepares_them():
+    from priorvae.priors import PriorContext, build_prior
+
+    shape = (1, 4, 4)
+    data = torch.rand(30, *shape)
+    enc = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 4))
+
+    def encoder(x):
+        h = enc(x)
+        return h[:, :2], h[:, 2:]
+
+    class Enc(torch.nn.Module):
+        def forward(self, x):
+            return encoder(x)
+
+    for name in ("bernoulli", "gaussian"):
+        lik = build_likelihood(name, shape)
+        ctx = PriorContext(encoder=Enc(), input_shape=shape, data=data, likelihood=lik)
+        prior = build_prior("exemplar", latent_dim=2, context=ctx, subset=5)
+        if name == "bernoulli":  # binarized once with seed 0, as every published run was
+            want = torch.bernoulli(data, generator=torch.Generator().manual_seed(0))
+            assert prior.images.dtype == torch.uint8
+            assert torch.equal(prior.images.float(), want)
+        else:
+            assert torch.equal(prior.images, data)

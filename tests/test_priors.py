@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from priorvae.config import load_config
+from priorvae.likelihoods import build_likelihood
 from priorvae.priors import PriorContext, build_prior, list_priors
 from priorvae.runs import load_checkpoint, save_checkpoint
 from priorvae.vae import build_vae
@@ -44,7 +45,8 @@ def make(name, latent_dim=D, perturb=0.0, **kwargs):
     """Build a prior with a small random encoder as context; ``perturb`` adds N(0, perturb^2)
     noise to every parameter so a prior is tested away from its (often trivial) start."""
     torch.manual_seed(0)
-    ctx = PriorContext(encoder=TinyEncoder(), input_shape=SHAPE, data=torch.rand(50, *SHAPE))
+    ctx = PriorContext(encoder=TinyEncoder(), input_shape=SHAPE, data=torch.rand(50, *SHAPE),
+                       likelihood=build_likelihood("bernoulli", SHAPE))
     prior = build_prior(name, latent_dim=latent_dim, context=ctx,
                         **{**TEST_ARGS.get(name, {}), **kwargs})
     with torch.no_grad():

@@ -15,6 +15,7 @@ from conftest import read_metrics, tiny_toml
 from priorvae.config import load_config
 from priorvae.errors import PriorError
 from priorvae.gaussian import log_standard_normal
+from priorvae.likelihoods import build_likelihood
 from priorvae.priors import PriorContext, build_prior
 from priorvae.vae import build_vae
 
@@ -38,7 +39,8 @@ def _exemplar(n=40, dim=3, **kw):
     # grey levels would binarize every pixel to 0
     torch.manual_seed(1)
     data = torch.rand(n, *SHAPE)
-    ctx = PriorContext(encoder=MeanEncoder(dim), input_shape=SHAPE, data=data)
+    ctx = PriorContext(encoder=MeanEncoder(dim), input_shape=SHAPE, data=data,
+                       likelihood=build_likelihood("bernoulli", SHAPE))
     return build_prior("exemplar", latent_dim=dim, context=ctx, **kw).double()
 
 
@@ -86,7 +88,8 @@ def test_exemplar_training_step_uses_a_random_subset():
 def test_exemplar_keeps_indices_and_refuses_other_data():
     prior = _exemplar(n=40, n_exemplars=7)
     assert prior.index.shape == (7,) and "images" not in prior.state_dict()
-    ctx = PriorContext(encoder=MeanEncoder(), input_shape=SHAPE, data=torch.rand(12, *SHAPE))
+    ctx = PriorContext(encoder=MeanEncoder(), input_shape=SHAPE, data=torch.rand(12, *SHAPE),
+                       likelihood=build_likelihood("bernoulli", SHAPE))
     other = build_prior("exemplar", latent_dim=3, context=ctx, n_exemplars=7)
     other.load_state_dict(prior.float().state_dict())
     with pytest.raises(PriorError, match="built on 40 training images, but 12"):

@@ -198,7 +198,8 @@ def check_grid(runs: list[tuple[str, Config]], expost: list[str]) -> None:
                 if label != AGGREGATE:
                     pinned, sha = pin_prior_spec(label)
                     ctx = PriorContext(encoder=model.encoder, input_shape=shape,
-                                       data=data_for(pinned, sha, run_cfg, shape))
+                                       data=data_for(pinned, sha, run_cfg, shape),
+                                       likelihood=model.likelihood)
                     build_prior(pinned, latent_dim=dim, context=ctx, file_sha256=sha)
             checked_dims.add(dim)
         except PriorVAEError as exc:

@@ -205,6 +205,7 @@ def fit_prior(run_dir: str | Path, name: str, kwargs: dict[str, Any] | None = No
         splits = prepare_splits(load_splits(cfg.data, device=dev), model.likelihood)
         torch.manual_seed(seed)
         context = PriorContext(encoder=_frozen(model.encoder), input_shape=splits.input_shape,
+                               likelihood=model.likelihood,
                                data=splits.x_train)
         prior = build_prior(name, latent_dim=cfg.model.latent_dim, context=context,
                             file_sha256=sha, **kwargs).to(dev)
@@ -432,7 +433,8 @@ def load_prior_source(run: Run, model, source: str = TRAINED, splits=None):
             data = splits.x_train
         else:
             data = torch.zeros(1, *shape)
-        context = PriorContext(encoder=_frozen(model.encoder), input_shape=shape, data=data)
+        context = PriorContext(encoder=_frozen(model.encoder), input_shape=shape, data=data,
+                               likelihood=model.likelihood)
         prior = build_prior(name, latent_dim=run.config.model.latent_dim, context=context,
                             file_sha256=sha, **kwargs).to(device)
     saved = load_checkpoint(weights_path, map_location=device)

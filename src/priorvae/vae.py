@@ -190,7 +190,8 @@ def build_vae(cfg: Config, input_shape, data: torch.Tensor | None = None) -> VAE
             raise PriorError(f"prior {cfg.prior.name!r} is made of the training images: "
                              f"build it with data=the training split (Run.build_model does)")
         data = torch.zeros(1, *input_shape)
-    context = PriorContext(encoder=encoder, input_shape=input_shape, data=data)
+    context = PriorContext(encoder=encoder, input_shape=input_shape, data=data,
+                           likelihood=likelihood)
     prior = build_prior(cfg.prior.name, latent_dim=cfg.model.latent_dim, context=context,
                         file_sha256=cfg.prior.file_sha256, **cfg.prior.kwargs)
     return VAE(encoder, decoder, prior, likelihood)
