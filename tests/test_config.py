@@ -202,10 +202,10 @@ def test_old_model_keys_move_to_network():
 
 
 def test_plugin_tables_check_names_and_arguments():
-    with pytest.raises(ConfigError, match=r"^\[network\] .*'mpl'.*did you mean 'mlp'"):
+    with pytest.raises(ConfigError, match=r"^\[network\] .*'mpl'.*Did you mean: mlp"):
         config_from_dict({"network": {"name": "mpl"}})
-    with pytest.raises(ConfigError, match=r"^\[network\] 'mlp' got unknown argument\(s\) "
-                                          r"'channels'; it accepts: hidden, activation"):
+    with pytest.raises(ConfigError, match=r"^\[network\] network 'mlp' got unknown argument\(s\) "
+                                          r"'channels'; it accepts: hidden=.*, activation="):
         config_from_dict({"network": {"name": "mlp", "channels": [3, 4]}})
     with pytest.raises(ConfigError, match=r"^\[prior\] prior 'mog' got unknown argument\(s\) "
                                           r"'n_component'; it accepts: n_components=10"):
