@@ -298,8 +298,16 @@ def test_a_crafted_last_checkpoint_is_one_line(run_dir, capsys, case):
     assert snapshot(run_dir) == before
 
 
-def test_a_deeply_nested_file_is_one_line(run_dir, capsys):
-    (run_dir / "config.toml").write_text("a = " + "[" * 600 + "]" * 600 + "\n")
+def test_a_deeply_nested_file_is_one_line(run_dir, tmp_path, capsys):
+    deep = "a = " + "[" * 600 + "]" * 600 + "\n"
+    (tmp_path / "deep.toml").write_text(deep)
+    code, err = cli("train", tmp_path / "deep.toml", "--out", tmp_path / "new", capsys=capsys)
+    assert code == 2 and "deep.toml is nested too deeply" in one_line(err)
+    code, err = cli("train", run_dir.parent / "train.toml", "--set", "train." + deep.strip(),
+                    "--out", tmp_path / "new", capsys=capsys)
+    assert code == 2 and "nested too deeply" in one_line(err)
+    assert not (tmp_path / "new").exists()
+    (run_dir / "config.toml").write_text(deep)
     code, err = cli("evaluate", run_dir, "--quiet", capsys=capsys)
     assert code == 2 and "config.toml" in one_line(err)
     shutil.copy(run_dir / "best.pt", run_dir / "x")  # metrics.json nested too deeply

@@ -423,6 +423,11 @@ def main(argv: list[str] | None = None) -> int:
         except PriorVAEError as exc:
             print(f"priorvae {args.command}: error: {exc}", file=sys.stderr)
             return 2
+        except RecursionError:  # a crafted file nested hundreds of levels deep
+            what = getattr(args, "config", None) or "an input file"
+            print(f"priorvae {args.command}: error: {what} is nested too deeply to be read "
+                  f"(a crafted file?)", file=sys.stderr)
+            return 2
         except Terminated:
             code = 143
         except KeyboardInterrupt:
