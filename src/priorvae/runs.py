@@ -112,13 +112,15 @@ _KINDS = {stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket", stat.S_IFCHR: "a de
 
 
 def _link_error(path: Path, what: str = "a symbolic link") -> RunError:
+    """One line for an entry a run folder may not hold, naming it."""
+    if what != "a symbolic link":
+        return RunError(f"{path} is {what}, not a regular file; priorvae reads and writes only "
+                        f"folders and regular files in a run folder: remove it")
     target = ""
-    if what == "a symbolic link":
-        with contextlib.suppress(OSError):
-            target = f" (to {os.readlink(path)})"
-    return RunError(f"{path} is {what}{target}; a run folder holds only folders and regular "
-                    f"files, and priorvae follows no link in it (it could lead outside the "
-                    f"folder): remove it")
+    with contextlib.suppress(OSError):
+        target = f" (to {os.readlink(path)})"
+    return RunError(f"{path} is a symbolic link{target}; priorvae follows no link in a run "
+                    f"folder (it could lead outside the folder): remove it")
 
 
 def check_inside(root: Path, relative: str | os.PathLike, kind: str = "file") -> Path:
