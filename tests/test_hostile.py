@@ -217,8 +217,12 @@ def test_a_diverged_checkpoint_is_refused_by_every_command(run_dir, tmp_path, ca
 def test_a_non_finite_test_metric_writes_nothing(run_dir, capsys, monkeypatch, value):
     import priorvae.evaluate as ev
 
-    monkeypatch.setattr(ev, "mean_iwae_nlls", lambda model, x, k, priors, *a, **kw:
-                        [value] * len(priors))
+    def fake_nlls(model, x, k, priors, *args, rows=None, **kwargs):
+        if rows is not None:  # the per-image rows the matched column reads: (S, B)
+            rows.append(torch.full((len(priors), x.shape[0]), value))
+        return [value] * len(priors)
+
+    monkeypatch.setattr(ev, "mean_iwae_nlls", fake_nlls)
     before = (run_dir / "metrics.json").read_bytes()
     code, err = cli("evaluate", run_dir, "--quiet", "--no-diagnostics", capsys=capsys)
     assert code == 2 and "non-finite test_nll" in one_line(err)
