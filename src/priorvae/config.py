@@ -466,6 +466,7 @@ def parse_override(text: str) -> tuple[str, str, Any]:
         value = tomllib.loads(f"v = {value_text.strip()}")["v"]
     except tomllib.TOMLDecodeError:
         value = value_text.strip()
+    check_depth(value, f"--set {path.strip()}")
     return parts[0], parts[1], value
 
 
@@ -478,6 +479,25 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
+MAX_DEPTH = 32  # no priorvae config nests deeper; a crafted file that does is refused
+
+
+def check_depth(value: Any, where: str) -> Any:
+    """Refuse a value nested more than ``MAX_DEPTH`` levels deep (iteratively, so a crafted file
+    fails with one line whatever the parser's or the interpreter's recursion limit)."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise ConfigError(f"{where} is nested too deeply (more than {MAX_DEPTH} levels) to be "
+                              f"a priorvae config (a crafted file?)")
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+    return value
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Read a TOML config file (or the defaults when ``path`` is None) and apply overrides."""
     raw: dict[str, Any] = {}
@@ -486,7 +506,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         try:
-            raw = tomllib.loads(path.read_bytes().decode("utf-8"))
+            raw = check_depth(tomllib.loads(path.read_bytes().decode("utf-8")), str(path))
         except UnicodeDecodeError as exc:
             raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}); save it as "
                               f"UTF-8") from None
