@@ -585,3 +585,22 @@ def test_a_prior_overriding_the_public_log_prob_trains_and_fits(tmp_path, capsys
     code, err = cli("fit-prior", tmp_path / "run", "--prior", f"{path}:Laplace", "--epochs",
                     "2", "--quiet", capsys=capsys)
     assert code == 0, err
+
+
+def test_an_expost_prior_fitted_to_another_best_checkpoint_is_refused(run_dir, capsys):
+    """Class 7 (stale results): priors/LABEL.* fitted before the run trained on belong to the
+    old VAE; using them with the new best.pt is refused, naming the fix."""
+    code, _ = cli("fit-prior", run_dir, "--prior", "mog", "--set", "prior.n_components=2",
+                  "--epochs", "3", "--quiet", capsys=capsys)
+    assert code == 0
+    code, _ = cli("sample", run_dir, "--prior-source", "expost-mog", "--n", "4", "--out",
+                  run_dir.parent / "ok.png", capsys=capsys)
+    assert code == 0
+    best = torch.load(run_dir / "best.pt", weights_only=True)  # "the run trained on"
+    first = next(k for k, v in best["model"].items() if v.is_floating_point())
+    best["model"][first] = best["model"][first] + 0.01
+    torch.save(best, run_dir / "best.pt")
+    code, err = cli("sample", run_dir, "--prior-source", "expost-mog", "--n", "4", "--out",
+                    run_dir.parent / "stale.png", capsys=capsys)
+    assert code == 2 and "fitted to another best.pt" in one_line(err)
+    assert not (run_dir.parent / "stale.png").exists()

@@ -56,7 +56,7 @@ from .runs import (
     save_checkpoint,
 )
 from .stop import check_stop
-from .trust import reading_folder
+from .trust import file_sha256, reading_folder
 
 __all__ = ["fit_prior", "em_fit_mog", "fit_record", "load_prior_source", "prior_sources"]
 
@@ -202,6 +202,7 @@ def fit_prior(run_dir: str | Path, name: str, kwargs: dict[str, Any] | None = No
     with run.lock("fit-prior"):
         dev = resolve_device(device or cfg.train.device)
         model = run.load_model("best", dev)
+        fitted_to = file_sha256(run.checkpoint_path("best"))  # the VAE this prior belongs to
         splits = prepare_splits(load_splits(cfg.data, device=dev), model.likelihood)
         torch.manual_seed(seed)
         context = PriorContext(encoder=_frozen(model.encoder), input_shape=splits.input_shape,
@@ -261,7 +262,7 @@ def fit_prior(run_dir: str | Path, name: str, kwargs: dict[str, Any] | None = No
                 "fit": {"seconds": round(seconds, 3), "epochs": len(history), "method": method,
                         "device": str(dev), "min_epochs": min_epochs, "patience": patience,
                         "start_val_loss": start, "val_loss": val_loss,
-                        "improved": improved}}
+                        "improved": improved, "fitted_to": fitted_to}}
         atomic_write_bytes(spec_path, dump_toml(spec).encode())
     if not improved:
         print(f"fit-prior: {label} did not improve on its starting point (validation loss "
@@ -421,10 +422,17 @@ def load_prior_source(run: Run, model, source: str = TRAINED, splits=None):
         spec = tomllib.loads(read_regular(spec_path).decode())
         name, kwargs = spec["prior"]["name"], dict(spec.get("kwargs", {}))
         sha = spec["prior"].get("file_sha256")
+        fitted_to = spec.get("fit", {}).get("fitted_to")
     except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError, KeyError, TypeError,
-            ValueError, RecursionError) as exc:
+            ValueError, AttributeError, RecursionError) as exc:
         raise RunError(f"{spec_path} is damaged ({type(exc).__name__}); fit the prior again") \
             from None
+    # a prior fitted to another best.pt (the run trained on after the fit) is stale: refused
+    # (a spec written before priorvae recorded this has no fitted_to and is taken as it is)
+    if fitted_to is not None and fitted_to != file_sha256(run.checkpoint_path("best")):
+        raise RunError(f"{spec_path} was fitted to another best.pt than the run's current one "
+                       f"(the run trained on after the fit); fit it again: priorvae fit-prior "
+                       f"{run.path} --prior {name} --as {source}")
     shape = input_shape(run.config.data)
     with reading_folder(run.path, spec_path, run.trust_remote_code):  # every spec to the gate
         if PRIORS.resolve(name, sha, kwargs).needs_data:  # made of training images: again
