@@ -37,7 +37,8 @@ from ..registry import Registry
 
 __all__ = ["VALUE_TYPES", "DATASETS", "Splits", "DataSet", "register_dataset", "get_dataset_class",
            "build_dataset", "list_datasets", "load_dataset", "check_splits", "check_suits",
-           "data_root", "split_by_fraction"]
+           "data_root", "split_by_fraction",
+           "check_n_validation", "validation_permutation"]
 
 VALUE_TYPES = ("binary", "intensity", "8bit", "real")
 GROUP = "priorvae.datasets"
@@ -140,6 +141,22 @@ def data_root(root: str | os.PathLike | None = None) -> Path:
         return Path(os.environ["PRIORVAE_DATA"]).expanduser()
     cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(cache) / "priorvae"
+
+
+def check_n_validation(n_validation) -> int:
+    """``[data] n_validation``: a positive integer (the size of a seeded validation split)."""
+    if isinstance(n_validation, bool) or not isinstance(n_validation, int) or n_validation < 1:
+        raise DataError(f"[data] n_validation must be a positive integer, got {n_validation!r}")
+    return n_validation
+
+
+def validation_permutation(n: int, n_validation: int, seed: int, source: Any) -> torch.Tensor:
+    """A permutation of ``n`` training examples seeded by ``seed``, whose last ``n_validation``
+    form the validation split; ``source`` (where the examples came from) names a set too small."""
+    if n <= n_validation:
+        raise DataError(f"{source} holds {n} training images, not more than "
+                        f"[data] n_validation = {n_validation}")
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
 def split_by_fraction(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from . import DataSet, Splits, register_dataset
+from . import DataSet, Splits, check_n_validation, register_dataset, validation_permutation
 
 __all__ = ["CIFAR10"]
 
@@ -45,11 +45,7 @@ class CIFAR10(DataSet):
     def __init__(self, root=None, download: bool = True, n_validation: int = 5000,
                  split_seed: int = 0):
         super().__init__(root, download)
-        if isinstance(n_validation, bool) or not isinstance(n_validation, int) \
-                or n_validation < 1:
-            raise DataError(f"[data] n_validation must be a positive integer, got "
-                            f"{n_validation!r}")
-        self.n_validation, self.split_seed = n_validation, int(split_seed)
+        self.n_validation, self.split_seed = check_n_validation(n_validation), int(split_seed)
 
     def load(self) -> Splits:
         folder = self.root / FOLDER
@@ -70,10 +66,7 @@ class CIFAR10(DataSet):
         xs, ys = zip(*(self._batch(folder / f) for f in TRAIN_FILES), strict=True)
         x, y = torch.cat(xs), torch.cat(ys)
         x_test, y_test = self._batch(folder / "test_batch")
-        if len(x) <= self.n_validation:
-            raise DataError(f"{folder} holds {len(x)} training images, not more than "
-                            f"[data] n_validation = {self.n_validation}")
-        perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(self.split_seed))
+        perm = validation_permutation(len(x), self.n_validation, self.split_seed, folder)
         k = len(x) - self.n_validation
         train, val = perm[:k].sort().values, perm[k:].sort().values
         return Splits(self.name, x[train], y[train], x[val], y[val], x_test, y_test,

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from . import DataSet, Splits, register_dataset
+from . import DataSet, Splits, check_n_validation, register_dataset, validation_permutation
 
 __all__ = ["Omniglot", "URL"]
 
@@ -34,11 +34,7 @@ class Omniglot(DataSet):
     def __init__(self, root=None, download: bool = True, n_validation: int = 1345,
                  split_seed: int = 0):
         super().__init__(root, download)
-        if isinstance(n_validation, bool) or not isinstance(n_validation, int) \
-                or n_validation < 1:
-            raise DataError(f"[data] n_validation must be a positive integer, got "
-                            f"{n_validation!r}")
-        self.n_validation, self.split_seed = n_validation, int(split_seed)
+        self.n_validation, self.split_seed = check_n_validation(n_validation), int(split_seed)
 
     def load(self) -> Splits:
         from scipy.io import loadmat
@@ -62,11 +58,7 @@ class Omniglot(DataSet):
             if key not in raw or np.ndim(raw[key]) != 2 or np.shape(raw[key])[0] != 784:
                 raise DataError(f"{path}: expected an array {key!r} of shape (784, N)")
         train, test = self._images(raw["data"]), self._images(raw["testdata"])
-        if len(train) <= self.n_validation:
-            raise DataError(f"{path} holds {len(train)} training images, not more than "
-                            f"[data] n_validation = {self.n_validation}")
-        perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(
-            self.split_seed))
+        perm = validation_permutation(len(train), self.n_validation, self.split_seed, path)
         train = train[perm]
         n = len(train) - self.n_validation
         return Splits(self.name, train[:n].contiguous(), None, train[n:].contiguous(), None,

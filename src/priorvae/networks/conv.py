@@ -17,9 +17,8 @@ import torch
 from einops import rearrange
 from torch import nn
 
-from ..errors import ConfigError
 from . import Networks, register_network
-from .layers import GaussianHead, check_hidden, dense_stack, he_init
+from .layers import GaussianHead, check_conv_shape, check_hidden, dense_stack, he_init
 
 __all__ = ["Conv", "ConvEncoder", "ConvDecoder"]
 
@@ -78,12 +77,7 @@ class Conv(Networks):
                  activation: str = "gated"):
         super().__init__(input_shape, latent_dim, out_channels, logvar_min, logvar_max)
         hidden = check_hidden(hidden)
-        _, h, w = self.input_shape
-        if h % 4 or w % 4:
-            raise ConfigError(f"[network] name = 'conv' needs H and W divisible by 4, "
-                              f"got {h}x{w}")
-        if len(channels) != 2 or not all(isinstance(c, int) and c >= 1 for c in channels):
-            raise ConfigError(f"[network] channels must list 2 positive sizes, got {channels}")
+        check_conv_shape("conv", self.input_shape, channels)
         self.encoder = ConvEncoder(input_shape, hidden, latent_dim, channels, activation,
                                    logvar_min, logvar_max)
         self.decoder = ConvDecoder(input_shape, hidden, latent_dim, channels, activation,

@@ -48,6 +48,16 @@ def check_hidden(hidden) -> list[int]:
     return list(hidden)
 
 
+def check_conv_shape(family: str, input_shape, channels) -> None:
+    """A conv family halves H and W twice (divisible by 4) with 2 positive channel sizes."""
+    _, h, w = input_shape
+    if h % 4 or w % 4:
+        raise ConfigError(f"[network] name = {family!r} needs H and W divisible by 4, "
+                          f"got {h}x{w}")
+    if len(channels) != 2 or not all(isinstance(c, int) and c >= 1 for c in channels):
+        raise ConfigError(f"[network] channels must list 2 positive sizes, got {channels}")
+
+
 def he_init(module: nn.Module) -> None:
     """He-normal weights and zero biases for every linear and convolutional layer."""
     for m in module.modules():

@@ -23,7 +23,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from . import Networks, register_network
-from .layers import GaussianHead, he_init
+from .layers import GaussianHead, check_conv_shape, he_init
 
 __all__ = ["ResConv", "ResBlock"]
 
@@ -77,12 +77,8 @@ class ResConv(Networks):
     def __init__(self, input_shape, latent_dim, out_channels, logvar_min=-6.0, logvar_max=2.0,
                  channels: list[int] = (32, 64), n_res: int = 2, res_hidden: int = 32):
         super().__init__(input_shape, latent_dim, out_channels, logvar_min, logvar_max)
+        check_conv_shape("resconv", self.input_shape, channels)
         c, h, w = self.input_shape
-        if h % 4 or w % 4:
-            raise ConfigError(f"[network] name = 'resconv' needs H and W divisible by 4, "
-                              f"got {h}x{w}")
-        if len(channels) != 2 or not all(isinstance(k, int) and k >= 1 for k in channels):
-            raise ConfigError(f"[network] channels must list 2 positive sizes, got {channels}")
         if not (isinstance(n_res, int) and n_res >= 0 and isinstance(res_hidden, int)
                 and res_hidden >= 1):
             raise ConfigError(f"[network] n_res must be >= 0 and res_hidden >= 1, got "
