@@ -123,6 +123,21 @@ def test_sample_canvas_scale_and_condition():
     assert framed[:, 2, 2].tolist() == [1.0, 0.0, 0.0]  # red frame
 
 
+def test_vector_rows_shade_each_value_on_one_scale():
+    """`sample` on vector data (N, D): one row of D grey cells per item, the condition on the
+    same scale (it once tried to unpack (D,) as (C, H, W) and crashed)."""
+    from priorvae.cli import sample_canvas, vector_rows
+
+    vectors = torch.linspace(-3, 5, 40).reshape(8, 5)
+    images, condition, (low, high) = vector_rows(vectors, vectors[2])
+    assert images.shape == (8, 1, 1, 5) and condition.shape == (1, 1, 5)
+    assert torch.equal(condition, images[2])  # the same scale
+    assert low < high and images.min() >= 0 and images.max() <= 1
+    assert images[0, 0, 0, 0] < images[-1, 0, 0, -1]  # larger values are lighter
+    canvas = sample_canvas(images, nrow=1, scale=2, condition=condition)
+    assert canvas.shape[0] == 3 and canvas.shape[1] >= 8 * 2 * 2
+
+
 def test_priors_command_lists_the_registry():
     out = run_cli("priors")
     # the registry as a fresh process sees it (this test session may have registered more)

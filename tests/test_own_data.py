@@ -41,6 +41,9 @@ def test_colour_images_train_evaluate_with_a_classifier_of_their_classes(tmp_pat
     run = tmp_path / "run"
     assert main(["train", str(config), "--out", str(run), "--quiet"]) == 0
     assert main(["evaluate", str(run), "--iw-samples", "5", "--quiet"]) == 0
+    # `sample` sizes its picture from the whole [data] table (it once built 'tensors' from
+    # its name alone, which has no path: exit 2)
+    assert main(["sample", str(run), "--n", "4", "--out", str(tmp_path / "s.png")]) == 0
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["quality_classifier_origin"] in ("trained", "cached")
     assert "feature_measures_skipped" not in metrics

@@ -14,7 +14,7 @@ from .errors import PriorVAEError
 from .stop import Terminated
 
 __all__ = ["main", "default_run_dir", "evaluation_summary", "auto_scale", "sample_canvas",
-           "Terminated"]
+           "vector_rows", "Terminated"]
 
 
 def _int_at_least(low: int):
@@ -159,7 +159,10 @@ def _cmd_sample(args) -> int:
                 what = "aggregated-posterior samples"
         images = decode_samples(model, z)
         condition = splits.x_test[args.index] if args.source == "posterior" else None
-    nrow = args.nrow or max(1, round(args.n**0.5))
+    vectors = images.dim() == 2
+    if vectors:  # (N, D): one row of D grey cells per sample
+        images, condition, (low, high) = vector_rows(images, condition)
+    nrow = args.nrow or (1 if vectors else max(1, round(args.n**0.5)))
     scale = args.scale or auto_scale(images.shape[-1])
     canvas = sample_canvas(images, nrow, scale, condition)
     buffer = io.BytesIO()
@@ -167,8 +170,10 @@ def _cmd_sample(args) -> int:
     atomic_write_bytes(out, buffer.getvalue())
     shown = (f"; left, framed in red: test image {args.index}"
              if condition is not None else "")
+    each = (f"each vector's {images.shape[-1]} values as a row of cells, black {low:.3g} to "
+            f"white {high:.3g}" if vectors else f"each image {images.shape[-1]} px")
     print(f"wrote {args.n} {what} to {out} ({canvas.shape[2]}x{canvas.shape[1]} pixels, "
-          f"each image {images.shape[-1]} px at {scale}x{shown})")
+          f"{each} at {scale}x{shown})")
     return 0
 
 
@@ -203,6 +208,26 @@ def sample_canvas(images, nrow: int, scale: int, condition=None):
     return grid.repeat_interleave(scale, 1).repeat_interleave(scale, 2)
 
 
+def vector_rows(vectors, condition=None):
+    """Vectors (N, D) as images (N, 1, 1, D) for :func:`sample_canvas`: each value a grey
+    cell, black to white over the 1st-99th percentiles of the values (the scale of the
+    heat maps in ``figures/``), ``condition`` (D,) on the same scale as (1, 1, D). Returns
+    (images, condition, (low, high))."""
+    from einops import rearrange
+
+    from .figures import _value_range
+
+    low, high = _value_range(vectors, *([condition[None]] if condition is not None else []))
+
+    def grey(v):
+        return ((v.float() - low) / (high - low)).clamp(0, 1)
+
+    images = rearrange(grey(vectors), "n d -> n 1 1 d")
+    if condition is not None:
+        condition = rearrange(grey(condition), "d -> 1 1 d")
+    return images, condition, (low, high)
+
+
 def _available_memory() -> int:
     """Bytes of memory available to a new allocation (MemAvailable on Linux)."""
     try:
@@ -224,7 +249,8 @@ def _check_sample_memory(n: int, run, scale: int | None) -> None:
     and the 8-bit copy the PNG encoder reads)."""
     from .data import input_shape
 
-    c, h, w = input_shape(run.config.data.name)
+    shape = input_shape(run.config.data)  # the [data] table: its own keys, its pinned file
+    c, h, w = shape if len(shape) == 3 else (1, 1, shape[0])  # vectors: one row of cells
     scale = scale or auto_scale(w)
     cell = 3 * (h + 1) * (w + 1)
     per_image = 4 * (2 * c * h * w + cell + run.config.model.latent_dim) + 9 * cell * scale**2
