@@ -4,8 +4,10 @@
 
 The pseudo-inputs are parametrised as in the paper's code, u_k = hardtanh(W e_k) into the data
 range [0, 1], with W initialised N(0.05, 0.01) (``init = "paper"``) or from random training
-images (``init = "data"``). The prior shares the VAE's encoder (it is given at build time), so
-its parameters are W and the encoder's. The pseudo-inputs are encoded once per ``log_prob``
+images (``init = "data"``). With a likelihood of real values (one whose ``value_types`` holds
+``"real"``, e.g. ``gaussian``) the data have no range, so u_k = W e_k, unclamped. The prior
+shares the VAE's encoder (it is given at build time), so its parameters are W and the
+encoder's. The pseudo-inputs are encoded once per ``log_prob``
 call, so one training step encodes them once. ``sample(n)`` picks components uniformly at
 random (not the first n pseudo-inputs), then samples their posteriors.
 
@@ -33,17 +35,22 @@ class VampPrior(Prior):
         encoder: module mapping x (K, C, H, W) to (mu, logvar), each (K, D) (build context).
         input_shape: (C, H, W) (build context).
         data: training images (N, C, H, W) in [0, 1], used by ``init = "data"`` (context).
+        likelihood: the VAE's likelihood (context); one accepting ``"real"`` values leaves the
+            pseudo-inputs unclamped (none: clamped to [0, 1], as the paper).
         n_components: K, the number of pseudo-inputs.
         init: ``"paper"`` (W ~ N(init_mean, init_std)) or ``"data"`` (random training images).
     """
 
     def __init__(self, latent_dim: int, encoder: nn.Module, input_shape: tuple,
-                 data: torch.Tensor | None = None, n_components: int = 500,
+                 data: torch.Tensor | None = None, likelihood: nn.Module | None = None,
+                 n_components: int = 500,
                  init: str = "paper", init_mean: float = 0.05, init_std: float = 0.01):
         super().__init__(latent_dim)
         if n_components < 1:
             raise PriorError(f"vampprior: n_components must be positive, got {n_components}")
         self.encoder = encoder
+        # a capability of the likelihood's class, read once (not stored: no new state)
+        self.clamped = likelihood is None or "real" not in likelihood.value_types
         weight = torch.empty(n_components, *input_shape)
         if init == "paper":
             nn.init.normal_(weight, init_mean, init_std)
@@ -51,8 +58,9 @@ class VampPrior(Prior):
             if data is None:
                 raise PriorError("vampprior: init = 'data' needs the training data context")
             idx = torch.randint(len(data), (n_components,))
+            images = data[idx].detach().float().cpu()
             # keep inside (0, 1) so that hardtanh passes gradients to every pixel
-            weight.copy_(data[idx].detach().float().cpu().clamp(0.01, 0.99))
+            weight.copy_(images.clamp(0.01, 0.99) if self.clamped else images)
         else:
             raise PriorError(f"vampprior: init must be 'paper' or 'data', got {init!r}")
         self.pseudo = nn.Parameter(weight)
@@ -62,8 +70,8 @@ class VampPrior(Prior):
         return self.pseudo.shape[0]
 
     def pseudo_inputs(self) -> torch.Tensor:
-        """u_k = hardtanh(W e_k) in [0, 1]: (K, C, H, W)."""
-        return nn.functional.hardtanh(self.pseudo, 0.0, 1.0)
+        """u_k = hardtanh(W e_k) in [0, 1] (real-valued data: W e_k): (K, C, H, W)."""
+        return nn.functional.hardtanh(self.pseudo, 0.0, 1.0) if self.clamped else self.pseudo
 
     def components(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior parameters at the pseudo-inputs: (mu, logvar), each (K, D); computed once
@@ -85,4 +93,5 @@ class VampPrior(Prior):
         return mu[k] + torch.exp(0.5 * logvar[k]) * torch.randn_like(mu[k])
 
     def extra_repr(self) -> str:
-        return f"latent_dim={self.latent_dim}, n_components={self.n_components}"
+        return (f"latent_dim={self.latent_dim}, n_components={self.n_components}, "
+                f"clamped={self.clamped}")

@@ -299,6 +299,25 @@ def test_vampprior_paper_and_data_initialisation():
         assert d < 1e-6
 
 
+@pytest.mark.parametrize("likelihood, clamped", [("bernoulli", True), ("gaussian", False)])
+def test_vampprior_pseudo_inputs_live_in_the_range_of_the_likelihoods_data(likelihood, clamped):
+    """[0, 1] for a likelihood of intensities (the paper's hardtanh); unclamped for one that
+    accepts real values, whose data (here in [-3, 3]) have no range."""
+    from priorvae.likelihoods import build_likelihood
+
+    lik = build_likelihood(likelihood, SHAPE)
+    data = torch.linspace(-3, 3, 50 * math.prod(SHAPE)).reshape(50, *SHAPE)
+    ctx = PriorContext(encoder=TinyEncoder(), input_shape=SHAPE, data=data, likelihood=lik)
+    prior = build_prior("vampprior", latent_dim=D, context=ctx, n_components=5, init="data")
+    u = prior.pseudo_inputs()
+    assert prior.clamped is clamped
+    assert bool(u.min() >= 0 and u.max() <= 1) is clamped
+    if not clamped:  # each pseudo-input is one of the training examples, as it is
+        d = (data.reshape(50, 1, -1) - u.reshape(1, 5, -1)).abs().sum(-1).min(0).values
+        assert d.max() < 1e-6
+    assert set(prior.state_dict()) == set(make("vampprior", n_components=5).state_dict())
+
+
 @pytest.mark.parametrize("transform", ["maf", "nsf", "realnvp", "coupling_nsf"])
 def test_flow_variants_build_and_normalise(transform):
     prior = make("flow", transform=transform, num_layers=2, hidden_features=16, perturb=0.3)
