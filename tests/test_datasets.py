@@ -2,6 +2,7 @@
 test writes in the data set's own layout; nothing is downloaded), and bad input."""
 
 import pickle
+import re
 
 import numpy as np
 import pytest
@@ -218,9 +219,13 @@ def test_bad_arrays_are_one_line(tmp_path, array, match):
     _one_line(info)
 
 
-def test_bad_files_and_labels_are_one_line(tmp_path):
+def test_bad_files_and_labels_are_one_line(tmp_path, monkeypatch):
     with pytest.raises(DataError, match="file not found") as info:
         load_dataset(build_dataset("tensors", path=str(tmp_path / "nope.npy")))
+    _one_line(info)
+    monkeypatch.chdir(tmp_path)  # a relative path says where it was looked for
+    with pytest.raises(DataError, match=re.escape(f"current directory, {tmp_path};")) as info:
+        load_dataset(build_dataset("tensors", path="nope.npy"))
     _one_line(info)
     np.savez(tmp_path / "short.npz", x=np.zeros((10, 3), np.float32), y=np.zeros(9, np.int64))
     with pytest.raises(DataError, match="10 examples but labels of shape \\(9,\\)") as info:

@@ -38,7 +38,7 @@ from ..registry import Registry
 __all__ = ["VALUE_TYPES", "DATASETS", "Splits", "DataSet", "register_dataset", "get_dataset_class",
            "build_dataset", "list_datasets", "load_dataset", "check_splits", "check_suits",
            "data_root", "split_by_fraction",
-           "check_n_validation", "validation_permutation"]
+           "check_n_validation", "not_found", "validation_permutation"]
 
 VALUE_TYPES = ("binary", "intensity", "8bit", "real")
 GROUP = "priorvae.datasets"
@@ -141,6 +141,15 @@ def data_root(root: str | os.PathLike | None = None) -> Path:
         return Path(os.environ["PRIORVAE_DATA"]).expanduser()
     cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(cache) / "priorvae"
+
+
+def not_found(what: str, path: Path) -> DataError:
+    """The one line for a missing ``[data]`` file or folder; a relative path says where it was
+    looked for (the current directory, as when the run was trained)."""
+    where = "" if path.is_absolute() else (f" (a relative path is read from the current "
+                                           f"directory, {Path.cwd()}; give an absolute path "
+                                           f"to use the run from elsewhere)")
+    return DataError(f"[data] {what} not found: {path}{where}")
 
 
 def check_n_validation(n_validation) -> int:

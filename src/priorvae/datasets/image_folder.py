@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from . import DataSet, Splits, register_dataset, split_by_fraction
+from . import DataSet, Splits, not_found, register_dataset, split_by_fraction
 
 __all__ = ["ImageFolder", "EXTENSIONS"]
 
@@ -52,7 +52,7 @@ class ImageFolder(DataSet):
 
     def _files(self) -> tuple[list[Path], list[int] | None, list[str]]:
         if not self.path.is_dir():
-            raise DataError(f"[data] path: image folder not found: {self.path}")
+            raise not_found("path: image folder", self.path)
         entries = sorted(self.path.iterdir())
         classes = [p for p in entries if p.is_dir()]
         loose = [p for p in entries if p.is_file() and p.suffix.lower() in EXTENSIONS]

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from . import VALUE_TYPES, DataSet, Splits, register_dataset, split_by_fraction
+from . import VALUE_TYPES, DataSet, Splits, not_found, register_dataset, split_by_fraction
 
 __all__ = ["Tensors", "read_arrays", "to_images"]
 
@@ -37,7 +37,7 @@ def read_arrays(path: str | Path) -> dict[str, np.ndarray]:
     """The arrays of one file by key (``x``, ``y``, ``x_train``...; a bare array is ``x``)."""
     path = Path(path).expanduser()
     if not path.is_file():
-        raise DataError(f"[data] file not found: {path}")
+        raise not_found("file", path)
     suffix = path.suffix.lower()
     try:
         if suffix == ".npy":
