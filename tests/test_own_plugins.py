@@ -253,6 +253,17 @@ def test_another_user_is_refused_a_module_before_it_runs(made, user_code, monkey
     assert "module 'my_data', which would be imported" in line, line
     assert "not in your trust record" in line and "--trust-remote-code" in line, line
     assert not any(m.exists() for m in user_code.values()), "user code ran before the refusal"
+    # from where the module is not importable, opting in would not help: the line says so
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p != str(made["user"])])
+    code, err = cli(capsys, "evaluate", run, *QUICK)
+    line = one_line(err)
+    assert code == 2 and "module 'my_data' is not found from here" in line, line
+    assert "PYTHONPATH" in line and line.count("config.toml") == 1, line
+    code, err = cli(capsys, "evaluate", run, *QUICK, "--trust-remote-code")
+    assert code == 2 and "No module named 'my_data'" in one_line(err)
+    monkeypatch.undo()  # back on sys.path, in the user's folder
+    as_new_user(monkeypatch, tmp_path / "their_config")
     for command in (["evaluate", run, *QUICK], ["sample", run, "--n", "4", "--out",
                                                tmp_path / "s.png"]):
         code, err = cli(capsys, *command, "--trust-remote-code")

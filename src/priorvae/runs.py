@@ -309,8 +309,10 @@ def check_config_code(cfg: Config, source: Path, run_dir: Path, trust: bool) -> 
     with reading_folder(run_dir, source, trust):
         try:
             resolve_plugins(cfg)
-        except PluginError as exc:
-            raise RunError(f"{source}: {exc}") from None
+        except PluginError as exc:  # named once: the gate's own messages start with it
+            text = str(exc)
+            raise RunError(text if text.startswith(str(source)) else f"{source}: {text}") \
+                from None
 
 
 def check_prior_code(name: str, sha: str | None, source: Path, run_dir: Path,
