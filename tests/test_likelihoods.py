@@ -8,13 +8,13 @@ import pytest
 import torch
 
 from priorvae.data import load_splits
+from priorvae.datasets import check_suits
 from priorvae.errors import ConfigError, PluginError
 from priorvae.likelihoods import (
     TEST_SEED,
     VALIDATION_SEED,
     VALUE_TYPES,
     build_likelihood,
-    check_value_type,
     get_likelihood_class,
     list_likelihoods,
     prepare_once,
@@ -142,10 +142,11 @@ def test_bernoulli_prepares_exactly_as_before(mnist_root):
 
 
 def test_value_type_mismatch_is_one_line():
-    with pytest.raises(ConfigError, match="does not suit data set 'vectors'.*'real'") as e:
-        check_value_type("bernoulli", get_likelihood_class("bernoulli"), "real", "vectors")
+    with pytest.raises(ConfigError, match="data set 'vectors' holds real values") as e:
+        check_suits("real", "bernoulli", get_likelihood_class("bernoulli").value_types,
+                    "vectors")
     assert "\n" not in str(e.value)
-    check_value_type("gaussian", get_likelihood_class("gaussian"), "real", "vectors")
+    check_suits("real", "gaussian", get_likelihood_class("gaussian").value_types, "vectors")
 
 
 def test_bits_per_dim_is_nll_over_d_ln2():

@@ -38,14 +38,13 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..datasets import VALUE_TYPES  # the data sets' value types, which value_types names
 from ..registry import Registry
 
 __all__ = ["Likelihood", "LIKELIHOODS", "register_likelihood", "build_likelihood",
            "list_likelihoods", "get_likelihood_class", "prepare_once", "prepare_splits",
-           "check_value_type", "VALUE_TYPES", "VALIDATION_SEED", "TEST_SEED"]
+           "VALUE_TYPES", "VALIDATION_SEED", "TEST_SEED"]
 
-VALUE_TYPES = ("binary", "intensity", "8bit", "real")
 VALIDATION_SEED = 1234  # seeds of the one-off preparation of the validation and test splits
 TEST_SEED = VALIDATION_SEED + 1
 
@@ -113,15 +112,6 @@ get_likelihood_class = LIKELIHOODS.get
 def build_likelihood(name: str, input_shape, sha256: str | None = None, **kwargs) -> Likelihood:
     """The likelihood ``name`` (a registered name or a spec) for data of ``input_shape``."""
     return LIKELIHOODS.build(name, sha256=sha256, input_shape=tuple(input_shape), **kwargs)
-
-
-def check_value_type(name: str, cls: type[Likelihood], value_type: str, data_name: str) -> None:
-    """Refuse, in one line, a likelihood (``name``: as configured) that does not model the
-    data's value type."""
-    if value_type not in cls.value_types:
-        raise ConfigError(
-            f"[likelihood] name = {name!r} does not suit data set {data_name!r}, whose values "
-            f"are {value_type!r}; it accepts {', '.join(sorted(cls.value_types))}")
 
 
 def prepare_once(likelihood: Likelihood, x: torch.Tensor, seed: int) -> torch.Tensor:
