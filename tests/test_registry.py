@@ -168,15 +168,19 @@ def test_entry_point_plugins_are_registered(tmp_path, monkeypatch, clean_registr
                 return 0.5 * torch.randn(n, self.latent_dim)
     """))
     monkeypatch.syspath_prepend(str(tmp_path))
-    eps = [EntryPoint(name="narrow", value="plugin_priors_mod:Narrow", group="priorvae.priors")]
+    eps = [EntryPoint(name="narrow", value="plugin_priors_mod:Narrow", group="priorvae.priors"),
+           EntryPoint(name="mog", value="plugin_priors_mod:Narrow", group="priorvae.priors")]
 
     def fake_entry_points(group=None, **kw):
         return eps if group == "priorvae.priors" else []
 
     monkeypatch.setattr("importlib.metadata.entry_points", fake_entry_points)
     PRIORS._loaded["entry_points"] = False
-    assert "narrow" in list_priors()
+    with pytest.warns(UserWarning, match="'mog' .* is not loaded: the name is taken by "
+                                         "priorvae.priors.mog.MixtureOfGaussians"):
+        assert "narrow" in list_priors()
     assert build_prior("narrow", latent_dim=2).sample(2).shape == (2, 2)
+    assert PRIORS.get("mog").__module__ == "priorvae.priors.mog"  # a built-in name stays
     sys.modules.pop("plugin_priors_mod", None)
 
 

@@ -149,7 +149,11 @@ class Registry:
             from importlib.metadata import entry_points
 
             for ep in entry_points(group=self.group):
-                if ep.name in self._classes:
+                if ep.name in self._classes:  # names are unique: the first one registered stays
+                    if _qualname(self._classes[ep.name]) != ep.value.replace(":", "."):
+                        warnings.warn(f"{self.kind} plug-in {ep.name!r} ({ep.value}) is not "
+                                      f"loaded: the name is taken by "
+                                      f"{_qualname(self._classes[ep.name])}", stacklevel=3)
                     continue
                 try:
                     obj = ep.load()
