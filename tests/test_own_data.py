@@ -2,14 +2,18 @@
 the data set's class count) and vectors without labels (diagnostics and pictures work; the
 feature measures are skipped with the reason)."""
 
+import csv
 import json
+import math
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
 from conftest import tiny_toml
 from priorvae.cli import main
+from priorvae.config import dump_toml
 from priorvae.datasets import Splits
 from priorvae.evaluate import write_figures
 from priorvae.figures import latent_atlas, samples_figure
@@ -98,3 +102,39 @@ def test_vectors_without_labels_diagnose_and_draw(tmp_path):
     extras["hole_rate"] = metrics["hole_rate"]
     paths = write_figures(extras, model.prior, FakeRun(), "figures")
     assert len(paths) == 4 and all(p.stat().st_size > 0 for p in paths)
+
+
+def _saturated_share(png) -> float:
+    """Share of a PNG's pixels that are clearly coloured (max - min channel > 0.25): black
+    text, grey images and white space are not."""
+    import matplotlib.image
+
+    rgb = matplotlib.image.imread(png)[..., :3]
+    return float(((rgb.max(-1) - rgb.min(-1)) > 0.25).mean())
+
+
+def test_a_compare_grid_on_colour_images_reports_bits_per_dim_and_draws_in_colour(tmp_path):
+    x, y = coloured_squares(90)
+    np.savez(tmp_path / "squares.npz", x=x, y=y)
+    config = tmp_path / "c.toml"  # experiments/shapes.toml in miniature
+    config.write_text(dump_toml({
+        "data": {"name": "tensors", "path": str(tmp_path / "squares.npz")},
+        "likelihood": {"name": "discretized_logistic", "n_mixtures": 1},
+        "network": {"name": "resconv", "channels": [4, 8], "n_res": 1, "res_hidden": 4},
+        "model": {"latent_dim": 2},
+        "train": {"epochs": 1, "batch_size": 30, "image_every": 0, "diagnostics_every": 0},
+        "eval": {"iw_samples": 3},
+        "compare": {"priors": ["standard_normal", "vampprior"], "seeds": [0],
+                    "args": {"vampprior": {"n_components": 4}}}}))
+    out = tmp_path / "grid"
+    assert main(["compare", str(config), "--out", str(out), "--quiet"]) == 0
+    rows = {r["prior"]: r for r in csv.DictReader(open(out / "results.csv"))}
+    assert set(rows) == {"standard_normal", "vampprior"}
+    for row in rows.values():  # bits/dim: the NLL over D = 3 x 8 x 8 values, in bits
+        assert float(row["test_bits_per_dim"]) == pytest.approx(
+            float(row["test_nll"]) / (3 * 8 * 8 * math.log(2)))
+    md = (out / "results.md").read_text()
+    assert "| test NLL | bits/dim | ELBO |" in md and "test_bits_per_dim" in md
+    assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
+    for name in rows:  # the images are drawn in their colours, not in grey
+        assert _saturated_share(out / f"{name}-seed0" / "figures" / "samples.png") > 0.002, name

@@ -62,7 +62,7 @@ __all__ = ["grid", "execution_order", "check_grid", "run_compare", "write_result
 MATCHED_COLUMNS = ["matched_nll", "matched_diff", "matched_diff_stderr", "matched_iw_samples",
                    "matched_test_images"]
 TRUNCATION_WARNING = 0.05  # as evaluate: a LARS prior whose samples skip the filter this often
-RESULT_COLUMNS = ["prior", "seed", "latent_dim", "test_elbo", "test_nll",
+RESULT_COLUMNS = ["prior", "seed", "latent_dim", "test_elbo", "test_nll", "test_bits_per_dim",
                   *(k for k in DIAGNOSTIC_KEYS if k != "class_entropy_aggregate"),
                   "train_seconds", "fit_seconds", "epochs_trained", "device", "iw_samples",
                   "test_images",
@@ -247,7 +247,8 @@ def _span(values: list) -> str:
 
 
 # the headline table: what a reader compares first (every column follows it)
-HEADLINE = [("test NLL", "test_nll", 1), ("ELBO", "test_elbo", 1), ("hole rate", "hole_rate", 1),
+HEADLINE = [("test NLL", "test_nll", 1), ("bits/dim", "test_bits_per_dim", 1),
+            ("ELBO", "test_elbo", 1), ("hole rate", "hole_rate", 1),
             ("KL(p‖q)", "kl_prior_to_agg", 1), ("latent precision", "latent_precision", 1),
             ("latent recall", "latent_recall", 1), ("latent coverage", "latent_coverage", 1),
             ("classifier AUC", "latent_c2st_auc", 1), ("fd_prior", "fd_prior", 1),
@@ -329,6 +330,12 @@ def _row_notes(r: dict) -> list[str]:
     return notes
 
 
+def _has_bits(rows: list[dict]) -> bool:
+    """Whether some row has a test NLL in bits/dim (its likelihood is a mass over 8-bit
+    values); the tables and the figure show that column only then."""
+    return any(r.get("test_bits_per_dim") not in (None, "") for r in rows)
+
+
 def write_results(out: Path, rows: list[dict[str, Any]], title: str = "") -> None:
     """results.csv (one row per run) and results.md (mean ± std over seeds per prior/dim: the
     headline columns, then every column)."""
@@ -337,7 +344,9 @@ def write_results(out: Path, rows: list[dict[str, Any]], title: str = "") -> Non
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_bytes(out / "results.csv", buffer.getvalue().encode())
-    cols = ["test_nll", "test_elbo", "kl", "mutual_info", "marginal_kl", "kl_prior_to_agg",
+    bits = _has_bits(rows)  # 8-bit data under a probability mass: NLL in bits/dim too
+    cols = ["test_nll", *(["test_bits_per_dim"] * bits), "test_elbo", "kl", "mutual_info",
+            "marginal_kl", "kl_prior_to_agg",
             "hole_rate", "latent_precision", "latent_recall", "latent_coverage",
             "latent_c2st_auc", "mmd", "active_units", "fd_prior", "fd_aggregate",
             "feature_precision", "feature_recall", "truncation_share", "matched_nll",
@@ -358,7 +367,8 @@ def write_results(out: Path, rows: list[dict[str, Any]], title: str = "") -> Non
              "(matched_iw_samples, matched_test_images in results.csv), minus the VAE's own "
              "prior; [x]: the Monte-Carlo (paired) standard error of the mean over the "
              "seeds, beside their spread.", "",
-             *_table(groups, HEADLINE, main), "", "Every column:", "",
+             *_table(groups, [c for c in HEADLINE if bits or c[1] != "test_bits_per_dim"],
+                     main), "", "Every column:", "",
              *_table(groups, [(c, c, 1) for c in cols], main)]
     notes = [f"- {r['prior']} (seed {r['seed']}): " + "; ".join(n for n in _row_notes(r))
              for r in rows if _row_notes(r)]
@@ -405,7 +415,9 @@ def comparison_figure(out: Path, rows: list[dict]) -> Path:
     per_line = 4  # sample grids per line: large enough to see the digits at README width
     lines = math.ceil(len(labels) / per_line)
     bar_cols = 4
-    bar_lines = math.ceil(len(FIGURE_KEYS) / bar_cols)
+    keys = [("test_bits_per_dim" if k == "test_nll" and _has_bits(rows) else k)
+            for k in FIGURE_KEYS]  # 8-bit images: their NLL in bits/dim, the usual unit
+    bar_lines = math.ceil(len(keys) / bar_cols)
     fig = plt.figure(figsize=(12, 3.3 * lines + 3.0 * bar_lines + 0.4))
     grid_spec = fig.add_gridspec(2, 1, height_ratios=[3.3 * lines, 3.0 * bar_lines])
     top = grid_spec[0].subgridspec(lines, per_line)
@@ -424,7 +436,7 @@ def comparison_figure(out: Path, rows: list[dict]) -> Path:
                      fontweight="bold")
         ax.axis("off")
     bottom = grid_spec[1].subgridspec(bar_lines, bar_cols, hspace=0.55, wspace=0.35)
-    for j, key in enumerate(FIGURE_KEYS):
+    for j, key in enumerate(keys):
         m = metric(key)
         scale = 100.0 if m.unit == "%" else 1.0
         ax = fig.add_subplot(bottom[j // bar_cols, j % bar_cols])
@@ -437,9 +449,9 @@ def comparison_figure(out: Path, rows: list[dict]) -> Path:
         ax.bar(range(len(labels)), means, yerr=errs, color=colors, capsize=4,
                error_kw={"elinewidth": 1.5})
         finite = [v for v in means if math.isfinite(v)]
-        if key in ("test_nll", "test_elbo") and finite:  # nats far from 0: show the differences
-            low, high = min(finite), max(finite)
-            pad = max(0.5, high - low)
+        if key in ("test_nll", "test_elbo", "test_bits_per_dim") and finite:
+            low, high = min(finite), max(finite)  # far from 0: show the differences
+            pad = max(0.01 if key == "test_bits_per_dim" else 0.5, high - low)
             ax.set_ylim(low - 0.6 * pad, high + 0.6 * pad)
         if m.reference is not None:
             ref = m.reference * scale

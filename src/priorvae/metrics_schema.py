@@ -65,6 +65,7 @@ class Metric:
 
 _ALL = [
     Metric("test_nll", "test NLL", "nats", "lower", digits=4),
+    Metric("test_bits_per_dim", "test NLL", "bits/dim", "lower", digits=4),
     Metric("test_elbo", "test ELBO", "nats", "higher", digits=4),
     Metric("kl", "KL(q(z|x) || p(z))", "nats"),
     Metric("mutual_info", "I(x; z)", "nats"),
@@ -93,9 +94,9 @@ _ALL = [
 METRICS: dict[str, Metric] = {m.key: m for m in _ALL}
 
 # what `priorvae evaluate` prints per prior source, and the bars of comparison.png
-SUMMARY_KEYS = ("test_nll", "test_elbo", "hole_rate", "latent_c2st_auc", "kl_prior_to_agg",
-                "marginal_kl", "latent_precision", "latent_coverage", "fd_prior", "fd_aggregate",
-                "active_units")
+SUMMARY_KEYS = ("test_nll", "test_bits_per_dim", "test_elbo", "hole_rate", "latent_c2st_auc",
+                "kl_prior_to_agg", "marginal_kl", "latent_precision", "latent_coverage",
+                "fd_prior", "fd_aggregate", "active_units")
 FIGURE_KEYS = ("test_nll", "hole_rate", "latent_c2st_auc", "kl_prior_to_agg", "marginal_kl",
                "latent_coverage", "fd_prior", "fd_aggregate")
 
