@@ -243,3 +243,12 @@ def test_committed_run_folders_of_the_old_shape_still_open(tmp_path):
     assert "family" in (run_dir / "config.toml").read_text()
     assert run.config.network.name == "mlp" and run.config.network.kwargs["hidden"] == [300, 300]
     assert "model" in run.load_checkpoint("best")
+
+
+@pytest.mark.parametrize("override", ["likelihood.sigma=nan", "prior.weights=[1.0, nan]",
+                                      "data.table={a = nan}"])
+def test_a_nan_argument_of_a_plugin_is_refused(override):
+    """A NaN never equals itself: a run trained with one could not be compared with its own
+    config ('nan in the run, nan now') and left an empty --out folder behind."""
+    with pytest.raises(ConfigError, match=r"^\[\w+\] \w+ must not be nan"):
+        load_config(None, ["likelihood.name=gaussian", override])

@@ -369,3 +369,71 @@ def test_a_data_set_by_file_path_and_by_module_is_pinned_like_a_prior(tmp_path, 
                        train={"epochs": 1, "diagnostics_every": 0, "image_every": 0})
     assert main(["train", str(config), "--out", str(tmp_path / "mod"), "--quiet"]) == 0, \
         capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("arrays", "kwargs", "match"), [
+    ({"y": -np.ones(20, np.int64)}, {}, "labels must be class indices .*found -1"),
+    ({"y": np.r_[10**12, np.zeros(19, np.int64)]}, {}, "at most 65536 classes.*1000000000000"),
+    ({"y": np.zeros(20, np.int64)}, {"n_classes": 0}, "n_classes must be an integer in 1..65536"),
+    ({"y": np.zeros(20, np.int64)}, {"n_classes": "3"}, "n_classes must be an integer"),
+    ({}, {"split_seed": "a"}, "split_seed must be an integer in 0..2\\*\\*63 - 1, got 'a'"),
+    ({}, {"split_seed": -1}, "split_seed must be an integer"),
+    ({}, {"value_type": "8bit"}, "declared 8bit, but .* not multiples of 1/255"),
+    ({"x": np.full((20, 3), 1e39)}, {}, "beyond the float32 range"),
+    ({"x": np.zeros((1, 3), np.float32)}, {}, "\\[data\\] test_fraction = 0.1: 1 examples are"),
+])
+def test_hostile_tensors_values_and_keys_are_one_line(tmp_path, arrays, kwargs, match):
+    """Labels out of range (negative, or a class count no classifier could hold), bad keys
+    and values that are not what they are declared as: one line, not a traceback from numpy or
+    torch, nor a silent run (negative labels trained, 8-bit bins on values off the levels)."""
+    arrays = {"x": np.random.default_rng(0).random((20, 3)).astype(np.float32), **arrays}
+    np.savez(tmp_path / "d.npz", **arrays)
+    with pytest.raises((DataError, ConfigError), match=match) as info:
+        load_dataset(build_dataset("tensors", path=str(tmp_path / "d.npz"), **kwargs))
+    _one_line(info)
+
+
+def test_a_pt_file_whose_tensor_is_larger_than_its_data_is_refused(tmp_path):
+    """A crafted .pt: a view of 10**12 values over 10 stored ones (numpy would try to allocate
+    terabytes), and a sparse tensor: one line each, before any copy."""
+    torch.save(torch.zeros(10).as_strided((10**9, 10**3), (0, 0)), tmp_path / "view.pt")
+    torch.save(torch.zeros(20, 3).to_sparse(), tmp_path / "sparse.pt")
+    for name in ("view.pt", "sparse.pt"):
+        with pytest.raises(DataError, match="is not a plain tensor holding its values") as info:
+            load_dataset(build_dataset("tensors", path=str(tmp_path / name)))
+        _one_line(info)
+
+
+def test_image_folder_scales_16_bit_png_and_refuses_bad_folders(tmp_path, monkeypatch):
+    """16-bit grey PNGs are scaled to 8 bits (PIL's convert('L') clips them at 255: a mid-grey
+    16-bit image read as white); an empty class folder, a decompression bomb, an absurd size
+    and a bad split_seed are one line."""
+    from PIL import Image
+
+    folder = tmp_path / "grey16"
+    folder.mkdir()
+    levels = np.arange(4 * 4).reshape(4, 4) * 4369  # 0..65535 in 16 steps
+    for i in range(5):
+        Image.fromarray(levels.astype(np.uint16)).save(folder / f"{i}.png")
+    assert Image.open(folder / "0.png").mode.startswith("I")
+    s = load_dataset(build_dataset("image_folder", path=str(folder)))
+    assert s.input_shape == (1, 4, 4)
+    torch.testing.assert_close(s.x_train[0, 0], torch.tensor(levels / 65535, dtype=torch.float32),
+                               atol=0.5 / 255, rtol=0)
+    classes = tmp_path / "classes"
+    for label in ("a", "b", "empty"):
+        (classes / label).mkdir(parents=True)
+    for label in ("a", "b"):
+        for i in range(3):
+            Image.fromarray(np.zeros((4, 4), np.uint8)).save(classes / label / f"{i}.png")
+    bad = [({"path": str(classes)}, DataError, "empty: a class subfolder without images"),
+           ({"path": str(folder), "size": [10**5, 10**5]}, ConfigError, "each in 1..4096"),
+           ({"path": str(folder), "split_seed": 1.5}, ConfigError, "split_seed must be")]
+    for kwargs, error, match in bad:
+        with pytest.raises(error, match=match) as info:
+            load_dataset(build_dataset("image_folder", **kwargs))
+        _one_line(info)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4)  # 4x4 = 16 pixels > 2 x 4: a "bomb"
+    with pytest.raises(DataError, match="DecompressionBombError") as info:
+        load_dataset(build_dataset("image_folder", path=str(folder)))
+    _one_line(info)

@@ -189,3 +189,21 @@ def test_exemplar_prior_takes_its_images_as_the_likelihood_prepares_them():
             assert torch.equal(prior.images.float(), want)
         else:
             assert torch.equal(prior.images, data)
+
+
+@pytest.mark.parametrize(("name", "kwargs", "match"), [
+    ("gaussian", {"sigma": math.inf}, "sigma of 'gaussian' must be a number in \\[1e-06, 1e"),
+    ("gaussian", {"sigma": 1e-300}, "sigma of 'gaussian' must be a number"),  # exp(-logvar): inf
+    ("gaussian", {"variance": "decoder", "logvar_min": "x"}, "logvar_min of 'gaussian'"),
+    ("gaussian", {"dequantize": "no"}, "dequantize of 'gaussian' must be true or false"),
+    ("discretized_logistic", {"n_mixtures": True}, "n_mixtures of 'discretized_logistic' must"),
+    ("discretized_logistic", {"n_mixtures": 10**9}, "an integer in \\[1, 100\\]"),
+    ("discretized_logistic", {"log_scale_min": math.nan}, "log_scale_min of"),
+])
+def test_bad_likelihood_arguments_are_one_line(name, kwargs, match):
+    """Arguments that would train on a NaN loss at step 1 (sigma inf or tiny), silently
+    dequantize ('no' is a true string), take True for 1 mixture, or ask for 10**9 mixtures: one
+    line naming the key and its domain, before a run folder is written."""
+    with pytest.raises(ConfigError, match=match) as info:
+        build_likelihood(name, (1, 4, 4), **kwargs)
+    assert "\n" not in str(info.value)

@@ -94,3 +94,9 @@ def test_bad_family_arguments_are_one_line():
         with pytest.raises((ConfigError, PluginError), match=msg) as e:
             build_networks(name, shape, D, 1, **kw)
         assert "\n" not in str(e.value)
+
+
+def test_conv_channels_refuse_booleans():
+    """channels = [true, 4] was taken as a size of 1 by the check and failed in torch."""
+    with pytest.raises(ConfigError, match=r"channels must list 2 positive sizes, got \[True, 4\]"):
+        build_networks("conv", (1, 8, 8), 2, 1, hidden=[8], channels=[True, 4])

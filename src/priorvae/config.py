@@ -307,6 +307,9 @@ def _check_plugin(table: str, body: PluginConfig) -> None:
         raise ConfigError(f"[{table}] file_sha256 must be 64 hexadecimal digits, got {sha!r}")
     if not isinstance(body.kwargs, dict):
         raise ConfigError(f"[{table}] arguments must be a table, got {body.kwargs!r}")
+    for key, value in body.kwargs.items():
+        if _holds_nan(value):  # a NaN never equals itself: the run could not be reopened
+            raise ConfigError(f"[{table}] {key} must not be nan, got {value!r}")
     for f in _shared_fields(type(body)):  # keys every plug-in of the kind has: declared
         setattr(body, f.name, validate_value(table, f, getattr(body, f.name)))
     if is_spec(body.name):
@@ -334,6 +337,15 @@ def _check_plugin(table: str, body: PluginConfig) -> None:
         registry.check_arguments(body.name, cls, body.kwargs)
     except PluginError as exc:
         raise ConfigError(f"[{table}] {exc}") from None
+
+
+def _holds_nan(value) -> bool:
+    """Whether a TOML value (a number, or a list or table of them) is or holds a NaN."""
+    if isinstance(value, float):
+        return math.isnan(value)
+    if isinstance(value, (list, tuple)):
+        return any(_holds_nan(v) for v in value)
+    return isinstance(value, dict) and any(_holds_nan(v) for v in value.values())
 
 
 def _shared_fields(cls: type) -> list[dataclasses.Field]:

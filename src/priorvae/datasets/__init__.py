@@ -38,9 +38,11 @@ from ..registry import Registry
 __all__ = ["VALUE_TYPES", "DATASETS", "Splits", "DataSet", "register_dataset", "get_dataset_class",
            "build_dataset", "list_datasets", "load_dataset", "check_splits", "check_suits",
            "data_root", "split_by_fraction",
-           "check_n_validation", "not_found", "validation_permutation"]
+           "check_n_validation", "check_split_seed", "not_found", "validation_permutation",
+           "MAX_CLASSES"]
 
 VALUE_TYPES = ("binary", "intensity", "8bit", "real")
+MAX_CLASSES = 65536  # n_classes: the quality classifier has one output per class
 GROUP = "priorvae.datasets"
 
 
@@ -159,6 +161,15 @@ def check_n_validation(n_validation) -> int:
     return n_validation
 
 
+def check_split_seed(split_seed) -> int:
+    """``[data] split_seed``: an integer in 0..2**63 - 1 (seeds a split permutation)."""
+    if isinstance(split_seed, bool) or not isinstance(split_seed, int) \
+            or not 0 <= split_seed < 2**63:
+        raise ConfigError(f"[data] split_seed must be an integer in 0..2**63 - 1, "
+                          f"got {split_seed!r}")
+    return split_seed
+
+
 def validation_permutation(n: int, n_validation: int, seed: int, source: Any) -> torch.Tensor:
     """A permutation of ``n`` training examples seeded by ``seed``, whose last ``n_validation``
     form the validation split; ``source`` (where the examples came from) names a set too small."""
@@ -168,12 +179,14 @@ def validation_permutation(n: int, n_validation: int, seed: int, source: Any) ->
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
 
 
-def split_by_fraction(n: int, fraction: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def split_by_fraction(n: int, fraction: float, seed: int,
+                      key: str = "fraction") -> tuple[torch.Tensor, torch.Tensor]:
     """Indices (kept, split off) of ``n`` items: a seeded permutation, ``round(fraction * n)``
-    (at least 1) split off."""
+    (at least 1) split off; ``key`` names the fraction in the line for too few items."""
     k = max(1, round(fraction * n))
     if k >= n:
-        raise DataError(f"{n} examples are too few to split off {fraction:g} of them")
+        raise DataError(f"[data] {key} = {fraction:g}: {n} examples are too few to split "
+                        f"off {k} and keep some; give more examples or a smaller fraction")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
     return perm[k:].sort().values, perm[:k].sort().values
 
@@ -189,6 +202,11 @@ def check_splits(splits: Splits, source: str = "") -> Splits:
     if splits.value_type not in VALUE_TYPES:
         raise DataError(f"{where}: value type {splits.value_type!r} is not one of "
                         f"{', '.join(VALUE_TYPES)}")
+    k = splits.n_classes
+    if k is not None and (isinstance(k, bool) or not isinstance(k, int)
+                          or not 1 <= k <= MAX_CLASSES):
+        raise DataError(f"{where}: n_classes must be None or an integer in 1..{MAX_CLASSES}, "
+                        f"got {k!r}")
     shape = None
     for part in ("train", "val", "test"):
         x, y = getattr(splits, f"x_{part}"), getattr(splits, f"y_{part}")
@@ -209,12 +227,17 @@ def check_splits(splits: Splits, source: str = "") -> Splits:
         if y is not None and (y.dim() != 1 or len(y) != len(x)):
             raise DataError(f"{where}: the {part} split has {len(x)} examples but labels of "
                             f"shape {tuple(y.shape)}; expected ({len(x)},)")
-        if y is not None and splits.n_classes and (y.min() < 0 or y.max() >= splits.n_classes):
-            raise DataError(f"{where}: {part} labels must lie in 0..{splits.n_classes - 1}")
+        if y is not None and (y.min() < 0 or (k is not None and y.max() >= k)):
+            accepted = "0..n_classes - 1" if k is None else f"0..{k - 1}"
+            raise DataError(f"{where}: {part} labels must be class indices in {accepted}, "
+                            f"found {int(y.min() if y.min() < 0 else y.max())}")
         vt = splits.value_type
         if vt in ("binary", "intensity", "8bit") and (x.min() < 0 or x.max() > 1):
             raise DataError(f"{where}: declared {vt} values must lie in [0, 1], the {part} "
                             f"split has {_describe_values(x)} (declare value_type = 'real')")
+        if vt == "8bit" and not bool(((x * 255 - (x * 255).round()).abs() < 1e-3).all()):
+            raise DataError(f"{where}: declared 8bit, but the {part} split holds values that are "
+                            f"not multiples of 1/255 (declare value_type = 'intensity')")
         if vt == "binary" and not bool(((x == 0) | (x == 1)).all()):
             raise DataError(f"{where}: declared binary, but the {part} split holds values "
                             f"other than 0 and 1")

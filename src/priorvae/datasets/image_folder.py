@@ -16,11 +16,26 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from . import DataSet, Splits, not_found, register_dataset, split_by_fraction
+from . import DataSet, Splits, check_split_seed, not_found, register_dataset, split_by_fraction
 
-__all__ = ["ImageFolder", "EXTENSIONS"]
+__all__ = ["ImageFolder", "EXTENSIONS", "MAX_SIDE", "to_8bit"]
 
 EXTENSIONS = (".png", ".jpg", ".jpeg")
+MAX_SIDE = 4096  # [data] size: the largest height or width
+
+
+def to_8bit(img, path: Path):
+    """A PIL image as 8-bit grey ("L") or "RGB". 16-bit grey (PNG mode ``I;16``, or ``I`` with
+    values in 0..65535) is scaled to 0..255 (``convert`` would clip it at 255)."""
+    from PIL import Image
+
+    if img.mode.startswith("I;16") or img.mode == "I":
+        a = np.asarray(img).astype(np.int64)
+        if a.size and (a.min() < 0 or a.max() > 65535):
+            raise DataError(f"{path}: {img.mode} grey values outside 0..65535; save 8- or "
+                            f"16-bit images")
+        return Image.fromarray(((a * 255 + 32767) // 65535).astype(np.uint8), "L")
+    return img.convert("L") if img.mode in ("L", "1") else img.convert("RGB")
 
 
 @register_dataset("image_folder")
@@ -38,15 +53,17 @@ class ImageFolder(DataSet):
         if isinstance(size, int) and not isinstance(size, bool):
             size = [size, size]
         if size is not None and not (isinstance(size, list) and len(size) == 2 and all(
-                isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
-            raise ConfigError(f"[data] size must be [H, W] or one positive integer, "
-                              f"got {size!r}")
+                isinstance(s, int) and not isinstance(s, bool) and 0 < s <= MAX_SIDE
+                for s in size)):
+            raise ConfigError(f"[data] size must be [H, W] or one integer, each in "
+                              f"1..{MAX_SIDE}, got {size!r}")
         if channels not in (None, 1, 3):
             raise ConfigError(f"[data] channels must be 1 or 3, got {channels!r}")
         for key, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
             if isinstance(frac, bool) or not isinstance(frac, (int, float)) \
                     or not 0 < frac < 1:
                 raise ConfigError(f"[data] {key} must be a number in (0, 1), got {frac!r}")
+        split_seed = check_split_seed(split_seed)
         self.path, self.size, self.channels = Path(path).expanduser(), size, channels
         self.fractions, self.split_seed = (val_fraction, test_fraction), split_seed
 
@@ -66,6 +83,9 @@ class ImageFolder(DataSet):
             for k, folder in enumerate(classes):
                 found = sorted(p for p in folder.iterdir()
                                if p.is_file() and p.suffix.lower() in EXTENSIONS)
+                if not found:
+                    raise DataError(f"{folder}: a class subfolder without images "
+                                    f"({', '.join(EXTENSIONS)}); remove it or add its images")
                 files += found
                 labels += [k] * len(found)
         if len(files) < 3:
@@ -82,10 +102,9 @@ class ImageFolder(DataSet):
             try:
                 with Image.open(path) as img:
                     img.load()
-                    mode = img.mode
-                    images.append(img.convert("RGB") if mode not in ("L", "1", "I;16", "I")
-                                   else img.convert("L"))
-            except (UnidentifiedImageError, OSError, ValueError) as exc:
+                    images.append(to_8bit(img, path))
+            except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError,
+                    MemoryError) as exc:
                 raise DataError(f"{path} is not a readable image ({type(exc).__name__}: "
                                 f"{exc})") from None
             if self.size is None:
@@ -107,7 +126,8 @@ class ImageFolder(DataSet):
         y = None if labels is None else torch.tensor(labels, dtype=torch.long)
         parts = {}
         for i, frac in enumerate(reversed(self.fractions)):  # test first, then validation
-            keep, off = split_by_fraction(len(x), frac, self.split_seed + i)
+            keep, off = split_by_fraction(len(x), frac, self.split_seed + i,
+                                          ("test_fraction", "val_fraction")[i])
             parts[i] = (x[off], None if y is None else y[off])
             x, y = x[keep], None if y is None else y[keep]
         (x_test, y_test), (x_val, y_val) = parts[0], parts[1]

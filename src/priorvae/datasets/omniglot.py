@@ -18,7 +18,14 @@ import numpy as np
 import torch
 
 from ..errors import DataError
-from . import DataSet, Splits, check_n_validation, register_dataset, validation_permutation
+from . import (
+    DataSet,
+    Splits,
+    check_n_validation,
+    check_split_seed,
+    register_dataset,
+    validation_permutation,
+)
 
 __all__ = ["Omniglot", "URL"]
 
@@ -34,7 +41,8 @@ class Omniglot(DataSet):
     def __init__(self, root=None, download: bool = True, n_validation: int = 1345,
                  split_seed: int = 0):
         super().__init__(root, download)
-        self.n_validation, self.split_seed = check_n_validation(n_validation), int(split_seed)
+        self.n_validation = check_n_validation(n_validation)
+        self.split_seed = check_split_seed(split_seed)
 
     def load(self) -> Splits:
         from scipy.io import loadmat

@@ -20,13 +20,23 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from . import VALUE_TYPES, DataSet, Splits, not_found, register_dataset, split_by_fraction
+from . import (
+    MAX_CLASSES,
+    VALUE_TYPES,
+    DataSet,
+    Splits,
+    check_split_seed,
+    not_found,
+    register_dataset,
+    split_by_fraction,
+)
 
 __all__ = ["Tensors", "read_arrays", "to_images"]
 
@@ -49,11 +59,18 @@ def read_arrays(path: str | Path) -> dict[str, np.ndarray]:
             with np.load(path, allow_pickle=False) as npz:
                 return {k: npz[k] for k in npz.files}
         if suffix in (".pt", ".pth"):
-            obj = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch's note on checking sparse tensors
+                warnings.filterwarnings("ignore", "Validating sparse", UserWarning)
+                obj = torch.load(path, map_location="cpu", weights_only=True)
             obj = obj if isinstance(obj, dict) else {"x": obj}
             bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
             if bad:
                 raise DataError(f"{path}: entry {bad[0]!r} is not a tensor")
+            for k, v in obj.items():  # a crafted view would be larger than its data
+                if v.layout != torch.strided \
+                        or v.numel() * v.element_size() > v.untyped_storage().nbytes():
+                    raise DataError(f"{path}: entry {k!r} of shape {tuple(v.shape)} is not a "
+                                    f"plain tensor holding its values (save .contiguous())")
             return {str(k): v.numpy() for k, v in obj.items()}
     except DataError:
         raise
@@ -90,6 +107,11 @@ def _values(x: np.ndarray, declared: str | None, where: str) -> tuple[torch.Tens
         return torch.from_numpy(x.astype(np.float32) / 255.0), declared or "8bit"
     if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
         raise DataError(f"{where}: examples must be numbers, got dtype {x.dtype}")
+    if x.dtype == np.float64 and x.size:  # finite values float32 would make infinite
+        big = np.abs(np.where(np.isfinite(x), x, 0.0)).max()
+        if big > np.finfo(np.float32).max:
+            raise DataError(f"{where}: values beyond the float32 range (largest magnitude "
+                            f"{big:.3g}); scale them")
     t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     if declared == "8bit" and t.numel() and t.max() > 1:  # floats 0..255
         t = t / 255.0
@@ -127,6 +149,11 @@ class Tensors(DataSet):
             if isinstance(frac, bool) or not isinstance(frac, (int, float)) \
                     or not 0 < frac < 1:
                 raise ConfigError(f"[data] {key} must be a number in (0, 1), got {frac!r}")
+        if n_classes is not None and (isinstance(n_classes, bool) or not isinstance(
+                n_classes, int) or not 1 <= n_classes <= MAX_CLASSES):
+            raise ConfigError(f"[data] n_classes must be an integer in 1..{MAX_CLASSES}, "
+                              f"got {n_classes!r}")
+        split_seed = check_split_seed(split_seed)
         self.path, self.files = path, {"train": train, "val": val, "test": test}
         self.declared, self.layout, self.declared_classes = value_type, layout, n_classes
         self.fractions, self.split_seed = {"val": val_fraction, "test": test_fraction}, split_seed
@@ -158,7 +185,11 @@ class Tensors(DataSet):
         xs, ys, types = {}, {}, set()
         for part, (x, y, where) in self._raw().items():
             x = to_images(np.asarray(x), self.layout, where)
-            xs[part], vt = _values(x, self.declared, where)
+            try:
+                xs[part], vt = _values(x, self.declared, where)
+            except MemoryError:
+                raise DataError(f"{where}: {x.shape} examples do not fit in memory as float32 "
+                                f"values") from None
             types.add(vt)
             if y is not None:
                 y = np.asarray(y)
@@ -175,7 +206,7 @@ class Tensors(DataSet):
         for i, part in enumerate(("test", "val")):
             if part not in xs:
                 keep, off = split_by_fraction(len(xs["train"]), self.fractions[part],
-                                              self.split_seed + i)
+                                              self.split_seed + i, f"{part}_fraction")
                 y = ys["train"]
                 xs[part], ys[part] = xs["train"][off], None if y is None else y[off]
                 xs["train"], ys["train"] = xs["train"][keep], None if y is None else y[keep]
@@ -185,7 +216,13 @@ class Tensors(DataSet):
                             f"only; give them for every split or for none")
         n_classes = self.declared_classes
         if n_classes is None and all(labelled):
-            n_classes = int(max(ys[p].max() for p in PARTS)) + 1
+            low = int(min(ys[p].min() for p in PARTS))
+            largest = int(max(ys[p].max() for p in PARTS))
+            if low < 0 or largest >= MAX_CLASSES:
+                raise DataError(f"{self.path or self.files['train']}: labels must be class "
+                                f"indices 0..n_classes - 1 (at most {MAX_CLASSES} classes); "
+                                f"found {low if low < 0 else largest}")
+            n_classes = largest + 1
         self.n_classes, self.value_type = n_classes, value_type
         return Splits(self.name, xs["train"], ys["train"], xs["val"], ys["val"], xs["test"],
                       ys["test"], value_type, n_classes)

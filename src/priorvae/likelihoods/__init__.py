@@ -39,11 +39,24 @@ import torch
 from torch import nn
 
 from ..datasets import VALUE_TYPES  # the data sets' value types, which value_types names
+from ..errors import ConfigError
 from ..registry import Registry
 
 __all__ = ["Likelihood", "LIKELIHOODS", "register_likelihood", "build_likelihood",
            "list_likelihoods", "get_likelihood_class", "prepare_once", "prepare_splits",
-           "VALUE_TYPES", "VALIDATION_SEED", "TEST_SEED"]
+           "VALUE_TYPES", "VALIDATION_SEED", "TEST_SEED", "check_number"]
+
+def check_number(owner: str, key: str, value, low: float, high: float,
+                 integer: bool = False) -> float | int:
+    """``[likelihood] key`` of ``owner``: a number (an integer if ``integer``) in [low, high],
+    never a bool, NaN or infinity; one line naming the key otherwise."""
+    kinds = (int,) if integer else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or not low <= value <= high:
+        what = "an integer" if integer else "a number"
+        raise ConfigError(f"[likelihood] {key} of {owner!r} must be {what} in "
+                          f"[{low:g}, {high:g}], got {value!r}")
+    return value
+
 
 VALIDATION_SEED = 1234  # seeds of the one-off preparation of the validation and test splits
 TEST_SEED = VALIDATION_SEED + 1

@@ -28,8 +28,7 @@ import torch
 from einops import rearrange
 from torch.nn.functional import logsigmoid
 
-from ..errors import ConfigError
-from . import Likelihood, register_likelihood
+from . import Likelihood, check_number, register_likelihood
 
 __all__ = ["DiscretizedLogistic"]
 
@@ -50,9 +49,9 @@ class DiscretizedLogistic(Likelihood):
 
     def __init__(self, input_shape, n_mixtures: int = 5, log_scale_min: float = -7.0):
         super().__init__(input_shape)
-        if not (isinstance(n_mixtures, int) and n_mixtures >= 1):
-            raise ConfigError(f"discretized_logistic: n_mixtures must be a positive integer, "
-                              f"got {n_mixtures!r}")
+        name = "discretized_logistic"
+        n_mixtures = check_number(name, "n_mixtures", n_mixtures, 1, 100, integer=True)
+        log_scale_min = check_number(name, "log_scale_min", log_scale_min, -30.0, 30.0)
         self.k, self.log_scale_min = n_mixtures, float(log_scale_min)
         self.params_per_value = 3 * n_mixtures
 

@@ -31,7 +31,7 @@ from einops import rearrange
 from torch import nn
 
 from ..errors import ConfigError
-from . import Likelihood, register_likelihood
+from . import Likelihood, check_number, register_likelihood
 
 __all__ = ["Gaussian"]
 
@@ -52,8 +52,11 @@ class Gaussian(Likelihood):
         if variance not in VARIANCES:
             raise ConfigError(f"gaussian: variance must be one of {', '.join(VARIANCES)}, "
                               f"got {variance!r}")
-        if not (isinstance(sigma, (int, float)) and sigma > 0):
-            raise ConfigError(f"gaussian: sigma must be a positive number, got {sigma!r}")
+        sigma = check_number("gaussian", "sigma", sigma, 1e-6, 1e6)
+        logvar_min = check_number("gaussian", "logvar_min", logvar_min, -30.0, 30.0)
+        if not isinstance(dequantize, bool):
+            raise ConfigError(f"[likelihood] dequantize of 'gaussian' must be true or false, "
+                              f"got {dequantize!r}")
         self.variance, self.logvar_min, self.dequantize = variance, float(logvar_min), dequantize
         self.params_per_value = 2 if variance == "decoder" else 1
         logvar = torch.full(() if variance in ("fixed", "shared") else self.input_shape,

@@ -54,7 +54,8 @@ def check_conv_shape(family: str, input_shape, channels) -> None:
     if h % 4 or w % 4:
         raise ConfigError(f"[network] name = {family!r} needs H and W divisible by 4, "
                           f"got {h}x{w}")
-    if len(channels) != 2 or not all(isinstance(c, int) and c >= 1 for c in channels):
+    if not isinstance(channels, (list, tuple)) or len(channels) != 2 or not all(
+            isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in channels):
         raise ConfigError(f"[network] channels must list 2 positive sizes, got {channels}")
 
 
