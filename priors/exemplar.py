@@ -57,6 +57,8 @@ class ExemplarPrior(Prior):
                  init_logvar: float = -2.0):
         super().__init__(latent_dim)
         n = len(data)
+        if n < 2:  # leave-one-out would leave the one image no exemplar: a NaN loss
+            raise PriorError(f"exemplar: needs at least 2 training images, the data set has {n}")
         if n_exemplars is not None and not 2 <= n_exemplars <= n:
             raise PriorError(f"exemplar: n_exemplars must be in [2, {n}] (the training images), "
                              f"got {n_exemplars}")

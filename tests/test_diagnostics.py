@@ -99,6 +99,12 @@ def test_active_units_counts_dimensions_with_variance_above_threshold():
     assert active_units(mu) == 2
 
 
+def test_active_units_of_one_posterior_mean_is_zero_without_a_warning(recwarn):
+    """One test image: var() over one row was NaN with a torch warning on stderr."""
+    assert active_units(torch.randn(1, 4)) == 0
+    assert not [w for w in recwarn if "degrees of freedom" in str(w.message)]
+
+
 def test_encode_split_binarizes_grey_images_reproducibly():
     enc = lambda x: (x.flatten(1)[:, :2], x.flatten(1)[:, 2:4])  # noqa: E731
     enc.training = False

@@ -95,3 +95,14 @@ def test_data_without_labels_has_no_classifier_and_says_why(tmp_path):
     assert classifier_unavailable(labelled) is None
     clf = get_classifier(labelled, tmp_path, epochs=1, likelihood=BERNOULLI)
     assert features(clf, labelled.x_test)[1].shape == (20, 3)
+
+
+def test_too_few_held_out_images_skip_the_feature_measures_with_the_reason():
+    """A labelled data set whose test split holds 2 images: evaluate crashed in the k-NN radii
+    (k = 5) or the Fréchet distance's eigh; now no classifier, and the reason is given."""
+    x, y = torch.rand(40, 1, 4, 4), torch.arange(40) % 2
+    splits = Splits("tiny", x[:30], y[:30], x[30:38], y[30:38], x[38:], y[38:], "intensity", 2)
+    reason = classifier_unavailable(splits)
+    assert reason is not None and reason.startswith("2 held-out images") and "at least 6" in reason
+    assert get_classifier(splits, None, likelihood=build_likelihood("bernoulli", (1, 4, 4))) is None
+    assert classifier_unavailable(dataclasses.replace(splits, x_test=x[:6], y_test=y[:6])) is None

@@ -360,3 +360,10 @@ def test_resampled_truncation_share_is_what_the_sampler_does():
     torch.manual_seed(0)
     prior.sample(20_000)
     assert len(sizes) == 3 and abs(sizes[-1] / 20_000 - 0.25) < 0.02
+
+
+def test_exemplar_refuses_a_single_training_image():
+    """One training image: leave-one-out leaves it no exemplar, and training stopped on a NaN
+    loss at step 1 with a half-written run folder; now one line when the prior is built."""
+    with pytest.raises(PriorError, match="needs at least 2 training images, the data set has 1"):
+        _exemplar(n=1)

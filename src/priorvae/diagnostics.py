@@ -156,4 +156,6 @@ def mmd(x: torch.Tensor, y: torch.Tensor, bandwidth: float | None = None) -> flo
 
 def active_units(mu: torch.Tensor, threshold: float = 0.01) -> int:
     """Number of units u with Var_x(mu_u) > threshold, from posterior means (N, D)."""
+    if len(mu) < 2:  # one posterior mean varies in no unit (var() would be NaN and warn)
+        return 0
     return int((mu.double().var(dim=0) > threshold).sum().item())

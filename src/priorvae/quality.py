@@ -35,7 +35,9 @@ from .stop import check_stop
 
 __all__ = ["Classifier", "get_classifier", "classifier_cache_dir", "classifier_digest",
            "classifier_unavailable", "classifier_cache_path", "shipped_classifier_path",
-           "SHIPPED", "frechet_distance", "class_entropy", "features"]
+           "SHIPPED", "frechet_distance", "class_entropy", "features", "MIN_HELDOUT"]
+
+MIN_HELDOUT = 6  # validation and test images the feature measures need (k-NN with k = 5)
 
 FEATURES = 64
 # data set -> digest of the shipped reference classifier (priorvae/classifiers/NAME.pt)
@@ -100,6 +102,11 @@ def classifier_unavailable(splits: Splits) -> str | None:
                 f"feature_* need a classifier trained on labelled examples")
     if splits.n_classes < 2:
         return f"one class: data set {splits.name!r} has a single label"
+    held = min(len(splits.x_val), len(splits.x_test))
+    if held < MIN_HELDOUT:  # k-NN radii (k = 5) and a Fréchet distance need more points
+        return (f"{held} held-out images: data set {splits.name!r} needs at least "
+                f"{MIN_HELDOUT} validation and test images for fd_*, class_entropy_* and "
+                f"feature_*")
     return None
 
 
