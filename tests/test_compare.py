@@ -222,3 +222,12 @@ def test_classifier_columns_average_only_the_most_common_classifier(tmp_path):
     write_results(tmp_path, [r | {"quality_classifier": "aaaa"} for r in rows])
     text = (tmp_path / "results.md").read_text()
     assert "†" not in text and "34.67 ± 57" in text
+
+
+def test_table_cells_keep_every_nat_of_large_values():
+    from priorvae.compare import _mean_std
+
+    assert _mean_std([10818.8]) == "10819"  # colour images: not 1.08e+04
+    assert _mean_std([10818.8, 10900.2]) == "10860 ± 58"
+    assert _mean_std([84.45]) == "84.5" and _mean_std([22.7, 22.5, 22.9]) == "22.7 ± 0.2"
+    assert _mean_std([None]) == "–"

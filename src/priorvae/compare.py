@@ -234,7 +234,9 @@ def _mean_std(values: list) -> str:
     mean, std, n = _stats(values)
     if n == 0:
         return "–"
-    return f"{mean:.3g}" if n == 1 else f"{mean:.4g} ± {std:.2g}"
+    # nats of large images (thousands): every unit, not 1.08e+04
+    text = f"{mean:.0f}" if abs(mean) >= 1000 else f"{mean:.3g}" if n == 1 else f"{mean:.4g}"
+    return text if n == 1 else f"{text} ± {std:.2g}"
 
 
 def _span(values: list) -> str:
