@@ -5,7 +5,8 @@ Each image: a random dark background colour, one shape of random colour, size an
 Seeded, so the file is the same everywhere::
 
     python experiments/colour_shapes.py runs/shapes.npz --n 3000
-    priorvae train experiments/shapes.toml --set data.path=runs/shapes.npz
+    priorvae compare experiments/shapes.toml --out experiments/results/shapes  # the grid
+    priorvae train experiments/shapes.toml            # or one run
 """
 
 from __future__ import annotations

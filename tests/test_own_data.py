@@ -138,3 +138,18 @@ def test_a_compare_grid_on_colour_images_reports_bits_per_dim_and_draws_in_colou
     assert (out / "comparison.png").read_bytes()[:4] == b"\x89PNG"
     for name in rows:  # the images are drawn in their colours, not in grey
         assert _saturated_share(out / f"{name}-seed0" / "figures" / "samples.png") > 0.002, name
+
+
+def test_the_shapes_experiment_config_is_a_valid_grid():
+    """experiments/shapes.toml (the README's colour example) still reads as its grid."""
+    from pathlib import Path
+
+    from priorvae.compare import grid
+    from priorvae.config import load_config
+
+    cfg = load_config(Path(__file__).parents[1] / "experiments" / "shapes.toml")
+    cells = dict(grid(cfg))
+    assert sorted(cells) == ["standard_normal-seed0", "vampprior-seed0"]
+    assert {(c.likelihood.name, c.network.name, c.data.name) for c in cells.values()} == {
+        ("discretized_logistic", "resconv", "tensors")}
+    assert cfg.extra["compare"]["expost"] == ["mog"]
