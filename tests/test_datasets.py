@@ -3,6 +3,7 @@ test writes in the data set's own layout; nothing is downloaded), and bad input.
 
 import pickle
 import re
+import sys
 
 import numpy as np
 import pytest
@@ -363,12 +364,16 @@ def test_a_data_set_by_file_path_and_by_module_is_pinned_like_a_prior(tmp_path, 
     assert main(["evaluate", str(run), "--iw-samples", "2", "--no-diagnostics",
                  "--quiet"]) == 2
     assert "sha256" in capsys.readouterr().err
-    # by module, importable from sys.path
+    # by module, importable from sys.path (dropped again afterwards: test_own_plugins has a
+    # module of the same name in its own folder)
     monkeypatch.syspath_prepend(str(tmp_path))
     config = tiny_toml(tmp_path / "m.toml", data={"name": "my_data:Blobs"},
                        train={"epochs": 1, "diagnostics_every": 0, "image_every": 0})
-    assert main(["train", str(config), "--out", str(tmp_path / "mod"), "--quiet"]) == 0, \
-        capsys.readouterr().err
+    try:
+        assert main(["train", str(config), "--out", str(tmp_path / "mod"), "--quiet"]) == 0, \
+            capsys.readouterr().err
+    finally:
+        sys.modules.pop("my_data", None)
 
 
 @pytest.mark.parametrize(("arrays", "kwargs", "match"), [
@@ -437,3 +442,27 @@ def test_image_folder_scales_16_bit_png_and_refuses_bad_folders(tmp_path, monkey
     with pytest.raises(DataError, match="DecompressionBombError") as info:
         load_dataset(build_dataset("image_folder", path=str(folder)))
     _one_line(info)
+
+
+def test_a_user_data_sets_dtypes_and_declared_shape_are_checked_when_loaded():
+    """float64 or integer values and float labels went on to a dtype traceback inside torch
+    (mid-training, half a run folder written); a declared shape other than the loaded one
+    trained, then failed in evaluate."""
+    def splits_of(x, y=None):
+        return lambda self: Splits(self.name, x[:8], None if y is None else y[:8], x[8:10],
+                                   None if y is None else y[8:10], x[10:], None if y is None
+                                   else y[10:], self.value_type, None if y is None else 2)
+
+    x = torch.rand(12, 3)
+    cases = [(splits_of(x.double()), (3,), "train split holds torch.float64 values; load\\(\\) "
+                                           "must return float32"),
+             (splits_of((x > 0.5).long()), (3,), "torch.int64 values"),
+             (splits_of(x, (torch.arange(12) % 2).float()), (3,), "labels are torch.float32; "
+                                                                  "labels must be integer"),
+             (splits_of(x), (4,), "declares shape = \\(4,\\), but load\\(\\) returns examples "
+                                  "of shape \\(3,\\)")]
+    for load, shape, match in cases:
+        cls = type("Mine", (DataSet,), {"value_type": "intensity", "shape": shape, "load": load})
+        with pytest.raises(DataError, match=match) as info:
+            load_dataset(cls())
+        assert "data set 'Mine'" in _one_line(info)

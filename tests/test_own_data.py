@@ -153,3 +153,25 @@ def test_the_shapes_experiment_config_is_a_valid_grid():
     assert {(c.likelihood.name, c.network.name, c.data.name) for c in cells.values()} == {
         ("discretized_logistic", "resconv", "tensors")}
     assert cfg.extra["compare"]["expost"] == ["mog"]
+
+
+def test_a_run_refuses_data_that_changed_since_training(tmp_path, capsys):
+    """The run records the sha256 of the data it was trained on; evaluate and fit-prior on a
+    [data] file rewritten since (another seed, other values) stop with one line instead of
+    reporting numbers of another test set as the run's."""
+    rng = np.random.default_rng(0)
+    np.save(tmp_path / "v.npy", rng.random((60, 4)).astype(np.float32))
+    config = tiny_toml(tmp_path / "c.toml",
+                       data={"name": "tensors", "path": str(tmp_path / "v.npy")},
+                       likelihood={"name": "gaussian"}, model={"hidden": [8]},
+                       train={"epochs": 1, "batch_size": 30, "image_every": 0})
+    run = tmp_path / "run"
+    assert main(["train", str(config), "--out", str(run), "--quiet"]) == 0
+    assert main(["evaluate", str(run), "--iw-samples", "2", "--no-diagnostics", "--quiet"]) == 0
+    np.save(tmp_path / "v.npy", rng.random((60, 4)).astype(np.float32))
+    capsys.readouterr()
+    for argv in (["evaluate", str(run), "--iw-samples", "2", "--quiet"],
+                 ["fit-prior", str(run), "--prior", "mog", "--quiet"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err and "was trained on other data than [data] gives now" in err, err

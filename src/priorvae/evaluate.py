@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .data import load_splits
+from .datasets import check_same_data
 from .errors import RunError
 from .likelihoods import prepare_splits
 from .measure import diagnose, mean_elbo, mean_iwae_nlls
@@ -179,7 +180,9 @@ def evaluate_sources(run_dir: str | Path, prior_sources: list[str] | tuple[str, 
         # every result names the checkpoint it came from (sha256 of best.pt's bytes)
         best["_sha256"] = file_sha256(run.checkpoint_path("best"))
         model = run.load_model("best", dev, best)
-        splits = prepare_splits(load_splits(cfg.data, device=dev), model.likelihood)
+        splits = load_splits(cfg.data, device=dev)
+        check_same_data(best.get("data_sha256"), splits.digest(), run.checkpoint_path("best"))
+        splits = prepare_splits(splits, model.likelihood)
         trained_prior = model.prior
         # every source's prior and limits first: a missing or damaged one stops us before work
         plans: dict[tuple, list[dict]] = {}

@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from .aggregate import AggregatedPosterior, encode_split
 from .config import dump_toml, tomllib
 from .data import input_shape, load_splits
+from .datasets import check_same_data
 from .errors import PriorError, RunError
 from .gaussian import component_log_probs
 from .likelihoods import prepare_splits
@@ -201,9 +202,12 @@ def fit_prior(run_dir: str | Path, name: str, kwargs: dict[str, Any] | None = No
     cfg = run.config
     with run.lock("fit-prior"):
         dev = resolve_device(device or cfg.train.device)
-        model = run.load_model("best", dev)
+        best = run.load_checkpoint("best", dev)
+        model = run.load_model("best", dev, best)
         fitted_to = file_sha256(run.checkpoint_path("best"))  # the VAE this prior belongs to
-        splits = prepare_splits(load_splits(cfg.data, device=dev), model.likelihood)
+        splits = load_splits(cfg.data, device=dev)
+        check_same_data(best.get("data_sha256"), splits.digest(), run.checkpoint_path("best"))
+        splits = prepare_splits(splits, model.likelihood)
         torch.manual_seed(seed)
         context = PriorContext(encoder=_frozen(model.encoder), input_shape=splits.input_shape,
                                likelihood=model.likelihood,

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from .config import Config, pin_plugins
 from .data import load_splits
-from .datasets import check_suits
+from .datasets import check_same_data, check_suits
 from .distributed import DistEnv, all_reduce_sum, broadcast_object, teardown, world_size
 from .distributed import setup as dist_setup
 from .errors import ConfigError, PriorVAEError, RunBusyError, RunError, TrainingError
@@ -275,6 +275,7 @@ def _train(cfg: Config, run_dir: Path, progress: bool, env: DistEnv,
     # leaves nothing behind
     check_joint(cfg)
     splits = load_splits(cfg.data, device=device)
+    data_sha256 = splits.digest()  # in every checkpoint: evaluate refuses other data
     # the likelihood must accept the data's values
     lik_name, lik_sha, _ = likelihood_spec(cfg)
     check_suits(splits.value_type, lik_name,
@@ -295,7 +296,7 @@ def _train(cfg: Config, run_dir: Path, progress: bool, env: DistEnv,
             return run.metrics()
         state = TrainState()
         if phase == "resume":
-            state = _restore(run, model, opt, env, device)
+            state = _restore(run, model, opt, env, device, data_sha256)
         forward = model
         if env.enabled:
             from torch.nn.parallel import DistributedDataParallel
@@ -347,7 +348,8 @@ def _train(cfg: Config, run_dir: Path, progress: bool, env: DistEnv,
                     state.best_val, state.best_epoch = val["elbo"], epoch
                     if main:
                         run.save_checkpoint("best", {"model": model.state_dict(), "epoch": epoch,
-                                                     "config": run_config_dict(cfg)})
+                                                     "config": run_config_dict(cfg),
+                                                     "data_sha256": data_sha256})
                 if epoch > tc.warmup_epochs:  # early-stopping counter starts after warm-up
                     state.bad_epochs = 0 if improved else state.bad_epochs + 1
                 row = {"epoch": epoch, "beta": beta_at(epoch, tc.warmup_epochs),
@@ -358,7 +360,8 @@ def _train(cfg: Config, run_dir: Path, progress: bool, env: DistEnv,
                 stopping = tc.patience > 0 and state.bad_epochs >= tc.patience
                 if main:
                     _end_of_epoch(run, cfg, writer, model, opt, splits, classifier, device, env,
-                                  state, row, last=stopping or epoch == tc.epochs)
+                                  state, row, last=stopping or epoch == tc.epochs,
+                                  data_sha256=data_sha256)
                 epochs.set_postfix(train=f"{stats['loss']:.2f}", val=f"{-val['elbo']:.2f}",
                                    best=f"{-state.best_val:.2f}")
                 if stopping:
@@ -447,9 +450,11 @@ def _check_resumable(ckpt: dict, path: Path) -> None:
                        f"add up; {_RESTART}")
 
 
-def _restore(run: Run, model: VAE, opt, env: DistEnv, device: torch.device) -> TrainState:
+def _restore(run: Run, model: VAE, opt, env: DistEnv, device: torch.device,
+             data_sha256: str) -> TrainState:
     ckpt = run.load_checkpoint("last", device)
     path = run.checkpoint_path("last")
+    check_same_data(ckpt.get("data_sha256"), data_sha256, path)
     _check_resumable(ckpt, path)
     load_weights(model, ckpt["model"], path)
     state = TrainState.from_checkpoint(ckpt)
@@ -483,14 +488,16 @@ def _log_diagnostics(writer, model, splits, classifier, epoch, device) -> None:
 
 
 def _end_of_epoch(run: Run, cfg: Config, writer, model, opt, splits, classifier, device, env,
-                  state: TrainState, row: dict, last: bool = False) -> None:
+                  state: TrainState, row: dict, last: bool = False,
+                  data_sha256: str | None = None) -> None:
     """Rank 0: the checkpoint, TensorBoard scalars, pictures, diagnostics and metrics.json;
     the pictures and diagnostics every ``image_every`` / ``diagnostics_every`` epochs and at
     the ``last`` epoch (the final one, or the one early stopping ends on)."""
     tc, epoch = cfg.train, state.epoch
     ckpt = {"model": model.state_dict(), "optimizer": opt.state_dict(),
             **dataclasses.asdict(state), "world_size": env.world_size,
-            "config": run_config_dict(cfg), "rng_cpu": torch.get_rng_state()}
+            "config": run_config_dict(cfg), "rng_cpu": torch.get_rng_state(),
+            "data_sha256": data_sha256}
     if device.type == "cuda":
         ckpt["rng_cuda"] = torch.cuda.get_rng_state(device)
     run.save_checkpoint("last", ckpt)

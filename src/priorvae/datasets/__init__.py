@@ -25,6 +25,7 @@ entry-point group ``priorvae.datasets``. Root folder: ``[data] root``, else
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -37,7 +38,7 @@ from ..registry import Registry
 
 __all__ = ["VALUE_TYPES", "DATASETS", "Splits", "DataSet", "register_dataset", "get_dataset_class",
            "build_dataset", "list_datasets", "load_dataset", "check_splits", "check_suits",
-           "data_root", "split_by_fraction",
+           "data_root", "split_by_fraction", "check_same_data",
            "check_n_validation", "check_split_seed", "not_found", "validation_permutation",
            "MAX_CLASSES"]
 
@@ -68,6 +69,17 @@ class Splits:
     @property
     def has_labels(self) -> bool:
         return self.y_train is not None and self.y_test is not None
+
+    def digest(self) -> str:
+        """sha256 of the value type and every split's values and labels (shapes included): the
+        data a run was trained on, recorded in its checkpoints."""
+        h = hashlib.sha256(self.value_type.encode())
+        for key in ("x_train", "y_train", "x_val", "y_val", "x_test", "y_test"):
+            t = getattr(self, key)
+            h.update(f"{key}{None if t is None else tuple(t.shape)}".encode())
+            if t is not None:
+                h.update(t.detach().cpu().contiguous().numpy())
+        return h.hexdigest()
 
     def to(self, device: torch.device | str) -> Splits:
         moved = {f.name: getattr(self, f.name) for f in fields(self)}
@@ -218,12 +230,19 @@ def check_splits(splits: Splits, source: str = "") -> Splits:
             raise DataError(f"{where}: the {part} split has examples of shape "
                             f"{tuple(x.shape[1:])}, the training split {shape}")
         shape = tuple(x.shape[1:])
+        if x.dtype != torch.float32:  # the networks' weights are float32
+            raise DataError(f"{where}: the {part} split holds {x.dtype} values; load() must "
+                            f"return float32 (x.float())")
         if not torch.isfinite(x).all():
             bad = int((~torch.isfinite(x)).sum())
             raise DataError(f"{where}: the {part} split holds {bad} NaN or infinite values")
         if (y is None) != (splits.y_train is None):
             raise DataError(f"{where}: labels are given for some splits only; give them for "
                             f"train, validation and test, or for none")
+        if y is not None and (y.dtype.is_floating_point or y.dtype.is_complex
+                              or y.dtype == torch.bool):
+            raise DataError(f"{where}: the {part} labels are {y.dtype}; labels must be "
+                            f"integer class indices (y.long())")
         if y is not None and (y.dim() != 1 or len(y) != len(x)):
             raise DataError(f"{where}: the {part} split has {len(x)} examples but labels of "
                             f"shape {tuple(y.shape)}; expected ({len(x)},)")
@@ -248,10 +267,26 @@ def load_dataset(dataset: DataSet | Any) -> Splits:
     """Load and check a data set (a :class:`DataSet` or a ``[data]`` table), on the CPU."""
     ds = dataset if isinstance(dataset, DataSet) else build_dataset(dataset)
     splits = ds.load()
+    what = ds.name or type(ds).__name__
     if not isinstance(splits, Splits):
-        raise DataError(f"data set {ds.name!r}: load() must return priorvae.datasets.Splits, "
+        raise DataError(f"data set {what!r}: load() must return priorvae.datasets.Splits, "
                         f"got {type(splits).__name__}")
-    return check_splits(splits)
+    splits.name = splits.name or what  # a class named by a file or module spec has no name
+    check_splits(splits)
+    declared = ds.shape  # what input_shape() says without loading
+    if declared and tuple(declared) != splits.input_shape:
+        raise DataError(f"data set {what!r} declares shape = {tuple(declared)}, but load() "
+                        f"returns examples of shape {splits.input_shape}")
+    return splits
+
+
+def check_same_data(recorded: Any, digest: str, where: Any) -> None:
+    """Refuse, in one line, to evaluate, fit or resume the checkpoint ``where`` on other data
+    than it was trained on (``recorded``: its ``data_sha256``; None before it was recorded)."""
+    if recorded is not None and recorded != digest:
+        raise DataError(f"{where} was trained on other data than [data] gives now (its files "
+                        f"changed since: sha256 {str(recorded)[:12]} then, {digest[:12]} now); "
+                        f"restore them, or train a new run")
 
 
 def check_suits(value_type: str, likelihood: str, accepted, data_name: str = "") -> None:
