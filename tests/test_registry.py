@@ -12,11 +12,13 @@ from priorvae.priors import PRIORS, Prior, PriorContext, build_prior, list_prior
 @pytest.fixture
 def clean_registry():
     """Undo registrations a test makes."""
-    before = dict(PRIORS._classes)
+    before, broken = dict(PRIORS._classes), dict(PRIORS._broken)
     loaded = dict(PRIORS._loaded)
     yield
     PRIORS._classes.clear()
     PRIORS._classes.update(before)
+    PRIORS._broken.clear()
+    PRIORS._broken.update(broken)
     PRIORS._loaded.update(loaded)
 
 
@@ -182,6 +184,31 @@ def test_entry_point_plugins_are_registered(tmp_path, monkeypatch, clean_registr
     assert build_prior("narrow", latent_dim=2).sample(2).shape == (2, 2)
     assert PRIORS.get("mog").__module__ == "priorvae.priors.mog"  # a built-in name stays
     sys.modules.pop("plugin_priors_mod", None)
+
+
+def test_an_installed_plugin_that_cannot_be_loaded_is_named_with_the_reason(
+        tmp_path, monkeypatch, clean_registry):
+    """A plug-in whose module fails to import, or whose entry point names a function: asking
+    for it by name said 'unknown prior', listing the others, as if it were not installed."""
+    (tmp_path / "broken_priors_mod.py").write_text("def f():\n    pass\n"
+                                                   "raise RuntimeError('half-installed')\n")
+    (tmp_path / "func_priors_mod.py").write_text("def f():\n    pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    eps = [EntryPoint(name="broken", value="broken_priors_mod:f", group="priorvae.priors"),
+           EntryPoint(name="func", value="func_priors_mod:f", group="priorvae.priors")]
+    monkeypatch.setattr("importlib.metadata.entry_points",
+                        lambda group=None, **kw: eps if group == "priorvae.priors" else [])
+    PRIORS._loaded["entry_points"] = False
+    with pytest.warns(UserWarning) as caught:
+        assert "broken" not in list_priors()
+    assert sorted(str(w.message).split(" (")[0] for w in caught) == [
+        "could not load prior plug-in 'broken'", "prior plug-in 'func'"]
+    with pytest.raises(PriorError, match="prior 'broken' is an installed plug-in .* could not "
+                                         "be loaded: .*RuntimeError: half-installed"):
+        build_prior("broken", latent_dim=2)
+    with pytest.raises(PriorError, match="func_priors_mod:f is a function, not a class"):
+        build_prior("func", latent_dim=2)
+    sys.modules.pop("func_priors_mod", None)
 
 
 def test_invalid_names():

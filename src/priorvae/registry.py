@@ -107,6 +107,7 @@ class Registry:
         self.error = error
         self.name_attr = name_attr or f"{kind.replace(' ', '_')}_name"
         self._classes: dict[str, type] = {}
+        self._broken: dict[str, str] = {}  # entry-point name -> why it could not be loaded
         self._loaded = {"builtins": False, "entry_points": False}
         _BY_GROUP.setdefault(group, self)
 
@@ -158,6 +159,7 @@ class Registry:
                 try:
                     obj = ep.load()
                 except Exception as exc:  # a broken plug-in must not break the registry
+                    self._broken[ep.name] = f"{ep.value}: {type(exc).__name__}: {exc}"
                     warnings.warn(f"could not load {self.kind} plug-in {ep.name!r} "
                                   f"({ep.value}): {exc}", stacklevel=3)
                     continue
@@ -165,8 +167,13 @@ class Registry:
                     try:
                         self.register(ep.name)(obj)
                     except PluginError as exc:
+                        self._broken[ep.name] = f"{ep.value}: {exc}"
                         warnings.warn(f"{self.kind} plug-in {ep.name!r} ({ep.value}): {exc}",
                                       stacklevel=3)
+                elif ep.name not in self._classes:  # a function, a module, an instance...
+                    self._broken[ep.name] = f"{ep.value} is a {type(obj).__name__}, not a class"
+                    warnings.warn(f"{self.kind} plug-in {ep.name!r} ({ep.value}) is not a "
+                                  f"class", stacklevel=3)
 
     # -- looking up --------------------------------------------------------------------------
     def list(self, pattern: str = "*") -> list[str]:
@@ -189,6 +196,10 @@ class Registry:
             self.require_subclass(cls)
             return cls
         self._load()
+        if name not in self._classes and name in self._broken:
+            why = " ".join(self._broken[name].split())  # one line
+            raise self.error(f"{self.kind} {name!r} is an installed plug-in (entry point in "
+                             f"group {self.group!r}) that could not be loaded: {why[:300]}")
         if name not in self._classes:
             known = sorted(self._classes)
             close = difflib.get_close_matches(name, known, n=3, cutoff=0.4)
