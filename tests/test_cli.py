@@ -220,3 +220,18 @@ def test_quickstart_trains_and_evaluates_every_prior(name, tmp_path):
                  f"expost-{name}"]) == 0
     metrics = json.loads((run / "metrics.json").read_text())["prior_sources"][f"expost-{name}"]
     assert metrics["test_nll"] > 0 and metrics["iw_samples"] == 10
+
+
+def test_a_warning_is_one_line_naming_the_command():
+    """A warning raised under a command (a broken plug-in, torch) printed file:line and a line
+    of source; main() prints it as one line like priorvae's own, and restores the format."""
+    import warnings
+
+    from priorvae.cli import _warning_lines
+
+    before = warnings.formatwarning
+    message = warnings.WarningMessage("plug-in 'x' could not be\nloaded", UserWarning, "f.py", 3)
+    with _warning_lines("list"):  # what main() runs every command in
+        text = warnings._formatwarnmsg(message)  # what printing a warning writes
+    assert text == "priorvae list: warning: plug-in 'x' could not be loaded\n"
+    assert warnings.formatwarning is before and "f.py:3" in warnings._formatwarnmsg(message)

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import math
 import os
 import sys
+import warnings
 from pathlib import Path
 
 from .errors import PriorVAEError
@@ -439,12 +441,26 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@contextlib.contextmanager
+def _warning_lines(command: str):
+    """Print a warning (a plug-in that cannot be loaded, torch's) as one line like priorvae's
+    own, ``priorvae COMMAND: warning: MESSAGE``, not file:line plus a line of source. Only
+    the printed form changes: warnings recorded (``pytest.warns``) stay recorded."""
+    before = warnings.formatwarning
+    warnings.formatwarning = lambda message, *_, **__: (
+        f"priorvae {command}: warning: {' '.join(str(message).split())}\n")
+    try:
+        yield
+    finally:
+        warnings.formatwarning = before
+
+
 def main(argv: list[str] | None = None) -> int:
     from .stop import handle_sigterm, stop_requested
 
     args = build_parser().parse_args(argv)
-    with handle_sigterm():  # SIGTERM: a flag; the loops stop at their next safe point
-        try:
+    with handle_sigterm(), _warning_lines(args.command):  # SIGTERM: a flag; the loops stop
+        try:  # at their next safe point
             code = args.func(args)
         except PriorVAEError as exc:
             print(f"priorvae {args.command}: error: {exc}", file=sys.stderr)
