@@ -398,6 +398,21 @@ def test_hostile_tensors_values_and_keys_are_one_line(tmp_path, arrays, kwargs, 
     _one_line(info)
 
 
+def test_uint8_zeros_and_ones_are_declared_not_guessed(tmp_path):
+    """Binary data saved as uint8 0/1 was read as 8-bit levels 0 and 1/255 (near-black images,
+    silently) and declaring value_type = 'binary' was refused ('values other than 0 and 1')."""
+    x = (np.random.default_rng(0).random((20, 5)) > 0.5).astype(np.uint8)
+    np.save(tmp_path / "b.npy", x)
+    with pytest.raises(DataError, match="uint8 values 0 and 1 only: binary data, or 8-bit "
+                                        "levels .* declare \\[data\\] value_type") as info:
+        load_dataset(build_dataset("tensors", path=str(tmp_path / "b.npy")))
+    _one_line(info)
+    s = load_dataset(build_dataset("tensors", path=str(tmp_path / "b.npy"), value_type="binary"))
+    assert s.value_type == "binary" and s.x_train.max() == 1
+    s = load_dataset(build_dataset("tensors", path=str(tmp_path / "b.npy"), value_type="8bit"))
+    assert s.value_type == "8bit" and s.x_train.max() == 1 / 255
+
+
 def test_a_pt_file_whose_tensor_is_larger_than_its_data_is_refused(tmp_path):
     """A crafted .pt: a view of 10**12 values over 10 stored ones (numpy would try to allocate
     terabytes), and a sparse tensor: one line each, before any copy."""

@@ -13,8 +13,9 @@
 - Shapes: images (N, C, H, W); (N, H, W, C) is accepted when unambiguous (last axis 1, 3 or 4,
   second not) or with ``layout = "nhwc"``; when both read as channels, ``layout`` must say
   which; (N, H, W) is one channel; vectors (N, D).
-- ``value_type``: inferred when not given: uint8 -> ``8bit`` (divided by 255), booleans or
-  only 0/1 -> ``binary``, floats in [0, 1] -> ``intensity``, else ``real``.
+- ``value_type``: inferred when not given: uint8 -> ``8bit`` (divided by 255; uint8 holding
+  only 0 and 1 is ambiguous and must be declared), booleans or only 0/1 -> ``binary``, floats
+  in [0, 1] -> ``intensity``, else ``real``. Declared ``binary`` keeps uint8 0/1 as they are.
 - Labels: integers (N,); ``n_classes`` = largest label + 1 unless given.
 """
 
@@ -101,9 +102,14 @@ def to_images(x: np.ndarray, layout: str, where: str) -> np.ndarray:
 def _values(x: np.ndarray, declared: str | None, where: str) -> tuple[torch.Tensor, str]:
     if x.dtype == np.bool_:
         return torch.from_numpy(x.astype(np.float32)), declared or "binary"
-    if x.dtype == np.uint8 or (declared == "8bit" and np.issubdtype(x.dtype, np.integer)):
+    if declared != "binary" and (x.dtype == np.uint8 or (
+            declared == "8bit" and np.issubdtype(x.dtype, np.integer))):
         if x.min() < 0 or x.max() > 255:
             raise DataError(f"{where}: 8bit integers must lie in 0..255")
+        if declared is None and x.size and x.max() <= 1:  # binary data stored as bytes?
+            raise DataError(f"{where}: uint8 values 0 and 1 only: binary data, or 8-bit "
+                            f"levels 0 and 1/255? declare [data] value_type = 'binary' or "
+                            f"'8bit'")
         return torch.from_numpy(x.astype(np.float32) / 255.0), declared or "8bit"
     if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)):
         raise DataError(f"{where}: examples must be numbers, got dtype {x.dtype}")
