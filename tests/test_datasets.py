@@ -413,6 +413,23 @@ def test_uint8_zeros_and_ones_are_declared_not_guessed(tmp_path):
     assert s.value_type == "8bit" and s.x_train.max() == 1 / 255
 
 
+def test_arrays_that_would_not_fit_in_memory_are_refused_from_their_headers(tmp_path):
+    """A .npy / .npz member whose header claims 10**11 values: refused by its header before
+    numpy allocates (a compressed .npz of zeros inflates to that size: the process killed)."""
+    import zipfile
+
+    header = "{'descr': '<f4', 'fortran_order': False, 'shape': (100000000, 1000), }"
+    header = header.ljust(118) + "\n"
+    member = b"\x93NUMPY\x01\x00" + len(header).to_bytes(2, "little") + header.encode()
+    (tmp_path / "big.npy").write_bytes(member + b"\0" * 64)
+    with zipfile.ZipFile(tmp_path / "big.npz", "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("x.npy", member + b"\0" * 64)
+    for name in ("big.npy", "big.npz"):
+        with pytest.raises(DataError, match=r"its arrays \(x \(100000000, 1000\)\) need about "
+                                            r"745 GiB, more than half the .* GiB available"):
+            load_dataset(build_dataset("tensors", path=str(tmp_path / name)))
+
+
 def test_a_pt_file_whose_tensor_is_larger_than_its_data_is_refused(tmp_path):
     """A crafted .pt: a view of 10**12 values over 10 stored ones (numpy would try to allocate
     terabytes), and a sparse tensor: one line each, before any copy."""

@@ -230,33 +230,19 @@ def vector_rows(vectors, condition=None):
     return images, condition, (low, high)
 
 
-def _available_memory() -> int:
-    """Bytes of memory available to a new allocation (MemAvailable on Linux)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return 2**34
-
-
 def _check_sample_memory(n: int, run, scale: int | None) -> None:
     """Refuse, before any work, a picture of ``n`` samples at ``scale`` that would not fit in
     half of the memory available (codes, decoded images, the grid, its enlarged float copies
     and the 8-bit copy the PNG encoder reads)."""
     from .data import input_shape
+    from .datasets import available_memory
 
     shape = input_shape(run.config.data)  # the [data] table: its own keys, its pinned file
     c, h, w = shape if len(shape) == 3 else (1, 1, shape[0])  # vectors: one row of cells
     scale = scale or auto_scale(w)
     cell = 3 * (h + 1) * (w + 1)
     per_image = 4 * (2 * c * h * w + cell + run.config.model.latent_dim) + 9 * cell * scale**2
-    need, have = n * per_image, _available_memory()
+    need, have = n * per_image, available_memory()
     if need > have // 2:
         raise PriorVAEError(f"--n {n} at --scale {scale}: the picture would need about "
                             f"{need / 2**30:.3g} GiB of memory and {have / 2**30:.3g} GiB are "

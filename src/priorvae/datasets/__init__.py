@@ -38,7 +38,7 @@ from ..registry import Registry
 
 __all__ = ["VALUE_TYPES", "DATASETS", "Splits", "DataSet", "register_dataset", "get_dataset_class",
            "build_dataset", "list_datasets", "load_dataset", "check_splits", "check_suits",
-           "data_root", "split_by_fraction", "check_same_data",
+           "data_root", "split_by_fraction", "check_same_data", "available_memory",
            "check_n_validation", "check_split_seed", "not_found", "validation_permutation",
            "MAX_CLASSES"]
 
@@ -155,6 +155,21 @@ def data_root(root: str | os.PathLike | None = None) -> Path:
         return Path(os.environ["PRIORVAE_DATA"]).expanduser()
     cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(cache) / "priorvae"
+
+
+def available_memory() -> int:
+    """Bytes of memory available to a new allocation (MemAvailable on Linux)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return 2**34
 
 
 def not_found(what: str, path: Path) -> DataError:

@@ -21,7 +21,9 @@
 
 from __future__ import annotations
 
+import math
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +35,7 @@ from . import (
     VALUE_TYPES,
     DataSet,
     Splits,
+    available_memory,
     check_split_seed,
     not_found,
     register_dataset,
@@ -55,8 +58,13 @@ def read_arrays(path: str | Path) -> dict[str, np.ndarray]:
             with open(path, "rb") as f:
                 if f.read(6) != b"\x93NUMPY":
                     raise DataError(f"{path} is not a .npy file (no NUMPY header)")
+                f.seek(0)
+                _check_fits(path, {"x": _header(f)})
             return {"x": np.load(path, allow_pickle=False)}
         if suffix == ".npz":
+            with zipfile.ZipFile(path) as zf:  # the headers first: a small file may unpack
+                _check_fits(path, {n.removesuffix(".npy"): _header(zf.open(n))  # to terabytes
+                                   for n in zf.namelist() if n.endswith(".npy")})
             with np.load(path, allow_pickle=False) as npz:
                 return {k: npz[k] for k in npz.files}
         if suffix in (".pt", ".pth"):
@@ -80,6 +88,27 @@ def read_arrays(path: str | Path) -> dict[str, np.ndarray]:
                         f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
     raise DataError(f"{path}: [data] name = 'tensors' reads .npy, .npz or .pt files, "
                     f"got {suffix or 'no suffix'!r}")
+
+
+def _header(f) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) from the header of the .npy stream ``f``, without reading the data."""
+    fmt = np.lib.format
+    read = fmt.read_array_header_1_0 if fmt.read_magic(f) == (1, 0) else \
+        fmt.read_array_header_2_0
+    shape, _, dtype = read(f)
+    return shape, dtype
+
+
+def _check_fits(path: Path, headers: dict) -> None:
+    """Refuse arrays whose values (and their float32 copy) would not fit in half the memory
+    available, before numpy allocates them (a crafted header or a zip bomb: killed, not an
+    error)."""
+    need = sum(math.prod(shape) * (dtype.itemsize + 4) for shape, dtype in headers.values())
+    have = available_memory()
+    if need > have // 2:
+        arrays = ", ".join(f"{k} {shape}" for k, (shape, _) in headers.items())
+        raise DataError(f"{path}: its arrays ({arrays}) need about {need / 2**30:.3g} GiB, "
+                        f"more than half the {have / 2**30:.3g} GiB available here")
 
 
 def to_images(x: np.ndarray, layout: str, where: str) -> np.ndarray:
