@@ -96,7 +96,11 @@ def test_bad_family_arguments_are_one_line():
         assert "\n" not in str(e.value)
 
 
-def test_conv_channels_refuse_booleans():
-    """channels = [true, 4] was taken as a size of 1 by the check and failed in torch."""
+def test_conv_channels_and_resconv_sizes_refuse_booleans():
+    """channels = [true, 4] was taken as a size of 1 by the check and failed in torch;
+    n_res = true built one residual block."""
     with pytest.raises(ConfigError, match=r"channels must list 2 positive sizes, got \[True, 4\]"):
         build_networks("conv", (1, 8, 8), 2, 1, hidden=[8], channels=[True, 4])
+    for bad in ({"n_res": True}, {"res_hidden": True}):
+        with pytest.raises(ConfigError, match=r"n_res must be >= 0 and res_hidden >= 1"):
+            build_networks("resconv", (3, 8, 8), 2, 3, channels=[4, 4], **bad)

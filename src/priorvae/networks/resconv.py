@@ -79,7 +79,8 @@ class ResConv(Networks):
         super().__init__(input_shape, latent_dim, out_channels, logvar_min, logvar_max)
         check_conv_shape("resconv", self.input_shape, channels)
         c, h, w = self.input_shape
-        if not (isinstance(n_res, int) and n_res >= 0 and isinstance(res_hidden, int)
+        if not (isinstance(n_res, int) and not isinstance(n_res, bool) and n_res >= 0
+                and isinstance(res_hidden, int) and not isinstance(res_hidden, bool)
                 and res_hidden >= 1):
             raise ConfigError(f"[network] n_res must be >= 0 and res_hidden >= 1, got "
                               f"{n_res!r}, {res_hidden!r}")
