@@ -4,10 +4,10 @@
 
 The pseudo-inputs are parametrised as in the paper's code, u_k = hardtanh(W e_k) into the data
 range [0, 1], with W initialised N(0.05, 0.01) (``init = "paper"``) or from random training
-images (``init = "data"``). With a likelihood of real values (one whose ``value_types`` holds
-``"real"``, e.g. ``gaussian``) the data have no range, so u_k = W e_k, unclamped. The prior
-shares the VAE's encoder (it is given at build time), so its parameters are W and the
-encoder's. The pseudo-inputs are encoded once per ``log_prob``
+images (``init = "data"``). Real-valued data have no range: ``clamp = false`` makes
+u_k = W e_k, unclamped (building with training data outside [0, 1] and ``clamp = true``
+warns). The prior shares the VAE's encoder (it is given at build time), so its parameters are
+W and the encoder's. The pseudo-inputs are encoded once per ``log_prob``
 call, so one training step encodes them once. ``sample(n)`` picks components uniformly at
 random (not the first n pseudo-inputs), then samples their posteriors.
 
@@ -15,6 +15,8 @@ References:
     | VAE with a VampPrior (Tomczak & Welling, 2018)
     | https://arxiv.org/abs/1705.07120
 """
+
+import warnings
 
 import torch
 from torch import nn
@@ -35,22 +37,26 @@ class VampPrior(Prior):
         encoder: module mapping x (K, C, H, W) to (mu, logvar), each (K, D) (build context).
         input_shape: (C, H, W) (build context).
         data: training images (N, C, H, W) in [0, 1], used by ``init = "data"`` (context).
-        likelihood: the VAE's likelihood (context); one accepting ``"real"`` values leaves the
-            pseudo-inputs unclamped (none: clamped to [0, 1], as the paper).
+        clamp: pseudo-inputs in [0, 1] (hardtanh, the paper); ``False`` for real-valued data.
         n_components: K, the number of pseudo-inputs.
         init: ``"paper"`` (W ~ N(init_mean, init_std)) or ``"data"`` (random training images).
     """
 
     def __init__(self, latent_dim: int, encoder: nn.Module, input_shape: tuple,
-                 data: torch.Tensor | None = None, likelihood: nn.Module | None = None,
-                 n_components: int = 500,
-                 init: str = "paper", init_mean: float = 0.05, init_std: float = 0.01):
+                 data: torch.Tensor | None = None, n_components: int = 500,
+                 init: str = "paper", init_mean: float = 0.05, init_std: float = 0.01,
+                 clamp: bool = True):
         super().__init__(latent_dim)
         if n_components < 1:
             raise PriorError(f"vampprior: n_components must be positive, got {n_components}")
         self.encoder = encoder
-        # a capability of the likelihood's class, read once (not stored: no new state)
-        self.clamped = likelihood is None or "real" not in likelihood.value_types
+        if not isinstance(clamp, bool):
+            raise PriorError(f"vampprior: clamp must be true or false, got {clamp!r}")
+        self.clamped = clamp  # part of the density: config.toml keeps it, no new state
+        if clamp and data is not None and data.numel() and (data.min() < 0 or data.max() > 1):
+            warnings.warn("vampprior: the training data hold values outside [0, 1] but the "
+                          "pseudo-inputs are clamped to [0, 1]; set [prior] clamp = false for "
+                          "real-valued data", stacklevel=2)
         weight = torch.empty(n_components, *input_shape)
         if init == "paper":
             nn.init.normal_(weight, init_mean, init_std)

@@ -3,6 +3,7 @@ test writes in the data set's own layout; nothing is downloaded), and bad input.
 
 import pickle
 import re
+import shutil
 import sys
 
 import numpy as np
@@ -411,9 +412,35 @@ def test_uint8_zeros_and_ones_are_declared_not_guessed(tmp_path):
     assert s.value_type == "binary" and s.x_train.max() == 1
     s = load_dataset(build_dataset("tensors", path=str(tmp_path / "b.npy"), value_type="8bit"))
     assert s.value_type == "8bit" and s.x_train.max() == 1 / 255
+    np.save(tmp_path / "m.npy", x * 255)  # masks stored as 0/255 bytes, declared binary
+    s = load_dataset(build_dataset("tensors", path=str(tmp_path / "m.npy"), value_type="binary"))
+    assert s.value_type == "binary" and set(s.x_train.unique().tolist()) <= {0.0, 1.0}
 
 
-def test_arrays_that_would_not_fit_in_memory_are_refused_from_their_headers(tmp_path):
+def test_8bit_levels_in_a_narrow_float_are_snapped_to_the_grid(tmp_path):
+    """k/255 stored as float16 is up to 0.06 of a level off; declared 8bit, it loads onto the
+    grid exactly. Values really off the grid are still refused."""
+    k = np.random.default_rng(0).integers(0, 256, (40, 6))
+    np.save(tmp_path / "h.npy", (k / 255).astype(np.float16))
+    s = load_dataset(build_dataset("tensors", path=str(tmp_path / "h.npy"), value_type="8bit"))
+    whole = torch.cat([s.x_train, s.x_val, s.x_test]) * 255
+    assert torch.equal(whole, whole.round())
+    np.save(tmp_path / "off.npy", (k / 255 + 0.3 / 255).astype(np.float32).clip(0, 1))
+    with pytest.raises(DataError, match="not multiples of 1/255"):
+        load_dataset(build_dataset("tensors", path=str(tmp_path / "off.npy"), value_type="8bit"))
+
+
+def test_a_numpy_integer_class_count_is_accepted():
+    """A user's load() computing n_classes = y.max() + 1 with numpy gets a plain int."""
+    from priorvae.datasets import check_splits
+
+    x, y = torch.rand(6, 3), torch.tensor([0, 1, 2, 0, 1, 2])
+    s = check_splits(Splits("u", x, y, x, y, x, y, "intensity", np.int64(3)))
+    assert s.n_classes == 3 and type(s.n_classes) is int
+
+
+def test_arrays_that_would_not_fit_in_memory_are_refused_from_their_headers(tmp_path,
+                                                                            monkeypatch):
     """A .npy / .npz member whose header claims 10**11 values: refused by its header before
     numpy allocates (a compressed .npz of zeros inflates to that size: the process killed)."""
     import zipfile
@@ -424,9 +451,10 @@ def test_arrays_that_would_not_fit_in_memory_are_refused_from_their_headers(tmp_
     (tmp_path / "big.npy").write_bytes(member + b"\0" * 64)
     with zipfile.ZipFile(tmp_path / "big.npz", "w", zipfile.ZIP_DEFLATED) as z:
         z.writestr("x.npy", member + b"\0" * 64)
-    for name in ("big.npy", "big.npz"):
+    monkeypatch.setattr("priorvae.datasets.tensors.available_memory", lambda: 64 * 2**30)
+    for name in ("big.npy", "big.npz"):  # on any machine: 64 GiB available, say
         with pytest.raises(DataError, match=r"its arrays \(x \(100000000, 1000\)\) need about "
-                                            r"745 GiB, more than half the .* GiB available"):
+                                            r"745 GiB, more than half the 64 GiB available"):
             load_dataset(build_dataset("tensors", path=str(tmp_path / name)))
 
 
@@ -463,6 +491,12 @@ def test_image_folder_scales_16_bit_png_and_refuses_bad_folders(tmp_path, monkey
     for label in ("a", "b"):
         for i in range(3):
             Image.fromarray(np.zeros((4, 4), np.uint8)).save(classes / label / f"{i}.png")
+    (classes / ".ipynb_checkpoints").mkdir()  # hidden entries are neither classes nor images
+    (classes / "a" / ".hidden.png").write_bytes(b"not a png")
+    hidden = tmp_path / "hidden"
+    shutil.copytree(classes, hidden, ignore=shutil.ignore_patterns("empty"))
+    s = load_dataset(build_dataset("image_folder", path=str(hidden)))
+    assert s.n_classes == 2 and len(s.x_train) + len(s.x_val) + len(s.x_test) == 6
     bad = [({"path": str(classes)}, DataError, "empty: a class subfolder without images"),
            ({"path": str(folder), "size": [10**5, 10**5]}, ConfigError, "each in 1..4096"),
            ({"path": str(folder), "split_seed": 1.5}, ConfigError, "split_seed must be")]

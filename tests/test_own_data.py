@@ -171,7 +171,9 @@ def test_a_run_refuses_data_that_changed_since_training(tmp_path, capsys):
     np.save(tmp_path / "v.npy", rng.random((60, 4)).astype(np.float32))
     capsys.readouterr()
     for argv in (["evaluate", str(run), "--iw-samples", "2", "--quiet"],
-                 ["fit-prior", str(run), "--prior", "mog", "--quiet"]):
+                 ["fit-prior", str(run), "--prior", "mog", "--quiet"],
+                 ["sample", str(run), "--source", "posterior", "--index", "0",
+                  "--out", str(tmp_path / "p.png")]):
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert "\n" not in err and "was trained on other data than [data] gives now" in err, err

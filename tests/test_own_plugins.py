@@ -305,7 +305,7 @@ def test_own_plugins_by_entry_point_of_an_installed_distribution(tmp_path, monke
 
     def run(*argv):
         done = subprocess.run([sys.executable, *argv], cwd=tmp_path, env=env, text=True,
-                              capture_output=True, timeout=300)
+                              capture_output=True, timeout=900)
         assert done.returncode == 0 and "Traceback" not in done.stderr, done.stderr
         assert "plug-in" not in done.stderr, done.stderr  # no "could not load plug-in"
         return done.stdout

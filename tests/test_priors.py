@@ -5,12 +5,14 @@ A prior that registers (built-in or plug-in) is tested here the moment it appear
 """
 
 import math
+import warnings
 
 import pytest
 import torch
 from torch import nn
 
 from priorvae.config import load_config
+from priorvae.errors import PriorError
 from priorvae.likelihoods import build_likelihood
 from priorvae.priors import PriorContext, build_prior, list_priors
 from priorvae.runs import load_checkpoint, save_checkpoint
@@ -299,23 +301,28 @@ def test_vampprior_paper_and_data_initialisation():
         assert d < 1e-6
 
 
-@pytest.mark.parametrize("likelihood, clamped", [("bernoulli", True), ("gaussian", False)])
-def test_vampprior_pseudo_inputs_live_in_the_range_of_the_likelihoods_data(likelihood, clamped):
-    """[0, 1] for a likelihood of intensities (the paper's hardtanh); unclamped for one that
-    accepts real values, whose data (here in [-3, 3]) have no range."""
-    from priorvae.likelihoods import build_likelihood
-
-    lik = build_likelihood(likelihood, SHAPE)
+@pytest.mark.parametrize("clamp", [True, False])
+def test_vampprior_pseudo_inputs_are_clamped_unless_the_data_are_real(clamp):
+    """[0, 1] by default (the paper's hardtanh, every existing run); ``clamp = false`` for
+    real-valued data (here in [-3, 3]), whose pseudo-inputs are then the training examples as
+    they are. Clamping real data warns when the prior is built; the state is the same."""
     data = torch.linspace(-3, 3, 50 * math.prod(SHAPE)).reshape(50, *SHAPE)
-    ctx = PriorContext(encoder=TinyEncoder(), input_shape=SHAPE, data=data, likelihood=lik)
-    prior = build_prior("vampprior", latent_dim=D, context=ctx, n_components=5, init="data")
+    ctx = PriorContext(encoder=TinyEncoder(), input_shape=SHAPE, data=data)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        prior = build_prior("vampprior", latent_dim=D, context=ctx, n_components=5,
+                            init="data", clamp=clamp)
+    assert [str(w.message) for w in caught if "clamp = false" in str(w.message)] == (
+        ["vampprior: the training data hold values outside [0, 1] but the pseudo-inputs are "
+         "clamped to [0, 1]; set [prior] clamp = false for real-valued data"] if clamp else [])
     u = prior.pseudo_inputs()
-    assert prior.clamped is clamped
-    assert bool(u.min() >= 0 and u.max() <= 1) is clamped
-    if not clamped:  # each pseudo-input is one of the training examples, as it is
+    assert bool(u.min() >= 0 and u.max() <= 1) is clamp
+    if not clamp:  # each pseudo-input is one of the training examples, as it is
         d = (data.reshape(50, 1, -1) - u.reshape(1, 5, -1)).abs().sum(-1).min(0).values
         assert d.max() < 1e-6
     assert set(prior.state_dict()) == set(make("vampprior", n_components=5).state_dict())
+    with pytest.raises(PriorError, match="clamp must be true or false"):
+        build_prior("vampprior", latent_dim=D, context=ctx, n_components=5, clamp="no")
 
 
 @pytest.mark.parametrize("transform", ["maf", "nsf", "realnvp", "coupling_nsf"])

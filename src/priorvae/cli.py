@@ -125,6 +125,7 @@ def _cmd_sample(args) -> int:
 
     from .aggregate import AggregatedPosterior, encode_split
     from .data import load_splits
+    from .datasets import check_same_data
     from .expost import load_prior_source
     from .likelihoods import prepare_splits
     from .measure import decode_samples
@@ -141,13 +142,16 @@ def _cmd_sample(args) -> int:
     _check_sample_memory(args.n, run, args.scale)
     with run.lock("sample", exclusive=False):
         torch.manual_seed(args.seed)
-        model = run.load_model()
+        best = run.load_checkpoint("best")
+        model = run.load_model(checkpoint=best)
         if args.source == "prior":
             z = load_prior_source(run, model, args.prior_source).sample(args.n)
             what = "prior samples" + (f" ({args.prior_source})"
                                       if args.prior_source != TRAINED else "")
         else:
-            splits = prepare_splits(load_splits(run.config.data), model.likelihood)
+            splits = load_splits(run.config.data)  # the data it was trained on, or one line
+            check_same_data(best.get("data_sha256"), splits.digest(), run.checkpoint_path("best"))
+            splits = prepare_splits(splits, model.likelihood)
             if args.source == "posterior":
                 if not 0 <= args.index < len(splits.x_test):
                     raise PriorVAEError(f"--index must be in [0, {len(splits.x_test)}), "

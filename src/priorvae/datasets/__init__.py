@@ -26,6 +26,7 @@ entry-point group ``priorvae.datasets``. Root folder: ``[data] root``, else
 from __future__ import annotations
 
 import hashlib
+import numbers
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -230,10 +231,12 @@ def check_splits(splits: Splits, source: str = "") -> Splits:
         raise DataError(f"{where}: value type {splits.value_type!r} is not one of "
                         f"{', '.join(VALUE_TYPES)}")
     k = splits.n_classes
-    if k is not None and (isinstance(k, bool) or not isinstance(k, int)
+    if k is not None and (isinstance(k, bool) or not isinstance(k, numbers.Integral)
                           or not 1 <= k <= MAX_CLASSES):
         raise DataError(f"{where}: n_classes must be None or an integer in 1..{MAX_CLASSES}, "
                         f"got {k!r}")
+    if k is not None:
+        splits.n_classes = k = int(k)  # a numpy integer from a user's load() (y.max() + 1)
     shape = None
     for part in ("train", "val", "test"):
         x, y = getattr(splits, f"x_{part}"), getattr(splits, f"y_{part}")
@@ -299,9 +302,10 @@ def check_same_data(recorded: Any, digest: str, where: Any) -> None:
     """Refuse, in one line, to evaluate, fit or resume the checkpoint ``where`` on other data
     than it was trained on (``recorded``: its ``data_sha256``; None before it was recorded)."""
     if recorded is not None and recorded != digest:
-        raise DataError(f"{where} was trained on other data than [data] gives now (its files "
-                        f"changed since: sha256 {str(recorded)[:12]} then, {digest[:12]} now); "
-                        f"restore them, or train a new run")
+        raise DataError(f"{where} was trained on other data than [data] gives now (its files, "
+                        f"or the library that decodes them, changed since: sha256 "
+                        f"{str(recorded)[:12]} then, {digest[:12]} now); restore them, or "
+                        f"train a new run")
 
 
 def check_suits(value_type: str, likelihood: str, accepted, data_name: str = "") -> None:

@@ -70,7 +70,8 @@ class ImageFolder(DataSet):
     def _files(self) -> tuple[list[Path], list[int] | None, list[str]]:
         if not self.path.is_dir():
             raise not_found("path: image folder", self.path)
-        entries = sorted(self.path.iterdir())
+        # hidden entries (.ipynb_checkpoints, .DS_Store, .git) are not classes or images
+        entries = sorted(p for p in self.path.iterdir() if not p.name.startswith("."))
         classes = [p for p in entries if p.is_dir()]
         loose = [p for p in entries if p.is_file() and p.suffix.lower() in EXTENSIONS]
         if classes and loose:
@@ -81,8 +82,8 @@ class ImageFolder(DataSet):
         else:
             files, labels = [], []
             for k, folder in enumerate(classes):
-                found = sorted(p for p in folder.iterdir()
-                               if p.is_file() and p.suffix.lower() in EXTENSIONS)
+                found = sorted(p for p in folder.iterdir() if not p.name.startswith(".")
+                               and p.is_file() and p.suffix.lower() in EXTENSIONS)
                 if not found:
                     raise DataError(f"{folder}: a class subfolder without images "
                                     f"({', '.join(EXTENSIONS)}); remove it or add its images")

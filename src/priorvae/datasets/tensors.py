@@ -131,6 +131,9 @@ def to_images(x: np.ndarray, layout: str, where: str) -> np.ndarray:
 def _values(x: np.ndarray, declared: str | None, where: str) -> tuple[torch.Tensor, str]:
     if x.dtype == np.bool_:
         return torch.from_numpy(x.astype(np.float32)), declared or "binary"
+    if (declared == "binary" and np.issubdtype(x.dtype, np.integer) and x.size
+            and x.max() > 1):  # masks stored as 0/255 bytes (image tools write them so)
+        return torch.from_numpy(x.astype(np.float32) / 255.0), declared
     if declared != "binary" and (x.dtype == np.uint8 or (
             declared == "8bit" and np.issubdtype(x.dtype, np.integer))):
         if x.min() < 0 or x.max() > 255:
@@ -150,6 +153,10 @@ def _values(x: np.ndarray, declared: str | None, where: str) -> tuple[torch.Tens
     t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
     if declared == "8bit" and t.numel() and t.max() > 1:  # floats 0..255
         t = t / 255.0
+    if declared == "8bit" and t.numel():  # k/255 stored in a narrower float (float16: 6e-2
+        levels = (t * 255).round()        # of a level off): snapped onto the grid when near
+        if bool(((t * 255 - levels).abs() < 0.1).all()):
+            t = levels / 255.0
     if declared:
         return t, declared
     if not torch.isfinite(t).all() or t.numel() == 0:
