@@ -40,8 +40,8 @@ from ..registry import Registry
 __all__ = ["VALUE_TYPES", "DATASETS", "Splits", "DataSet", "register_dataset", "get_dataset_class",
            "build_dataset", "list_datasets", "load_dataset", "check_splits", "check_suits",
            "data_root", "split_by_fraction", "check_same_data", "available_memory",
-           "check_n_validation", "check_split_seed", "not_found", "validation_permutation",
-           "MAX_CLASSES"]
+           "check_n_validation", "check_split_seed", "check_fractions", "not_found",
+           "validation_permutation", "MAX_CLASSES"]
 
 VALUE_TYPES = ("binary", "intensity", "8bit", "real")
 MAX_CLASSES = 65536  # n_classes: the quality classifier has one output per class
@@ -198,6 +198,15 @@ def check_split_seed(split_seed) -> int:
     return split_seed
 
 
+def check_fractions(val_fraction, test_fraction) -> tuple[float, float]:
+    """``[data] val_fraction`` and ``test_fraction``: numbers in (0, 1) (the shares split off
+    by seed when a data set has no such split)."""
+    for key, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if isinstance(frac, bool) or not isinstance(frac, (int, float)) or not 0 < frac < 1:
+            raise ConfigError(f"[data] {key} must be a number in (0, 1), got {frac!r}")
+    return val_fraction, test_fraction
+
+
 def validation_permutation(n: int, n_validation: int, seed: int, source: Any) -> torch.Tensor:
     """A permutation of ``n`` training examples seeded by ``seed``, whose last ``n_validation``
     form the validation split; ``source`` (where the examples came from) names a set too small."""
@@ -272,7 +281,8 @@ def check_splits(splits: Splits, source: str = "") -> Splits:
         if vt in ("binary", "intensity", "8bit") and (x.min() < 0 or x.max() > 1):
             raise DataError(f"{where}: declared {vt} values must lie in [0, 1], the {part} "
                             f"split has {_describe_values(x)} (declare value_type = 'real')")
-        if vt == "8bit" and not bool(((x * 255 - (x * 255).round()).abs() < 1e-3).all()):
+        levels = x * 255 if vt == "8bit" else None
+        if vt == "8bit" and not bool(((levels - levels.round()).abs() < 1e-3).all()):
             raise DataError(f"{where}: declared 8bit, but the {part} split holds values that are "
                             f"not multiples of 1/255 (declare value_type = 'intensity')")
         if vt == "binary" and not bool(((x == 0) | (x == 1)).all()):

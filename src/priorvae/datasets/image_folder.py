@@ -16,7 +16,15 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError, DataError
-from . import DataSet, Splits, check_split_seed, not_found, register_dataset, split_by_fraction
+from . import (
+    DataSet,
+    Splits,
+    check_fractions,
+    check_split_seed,
+    not_found,
+    register_dataset,
+    split_by_fraction,
+)
 
 __all__ = ["ImageFolder", "EXTENSIONS", "MAX_SIDE", "to_8bit"]
 
@@ -59,10 +67,7 @@ class ImageFolder(DataSet):
                               f"1..{MAX_SIDE}, got {size!r}")
         if channels not in (None, 1, 3):
             raise ConfigError(f"[data] channels must be 1 or 3, got {channels!r}")
-        for key, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if isinstance(frac, bool) or not isinstance(frac, (int, float)) \
-                    or not 0 < frac < 1:
-                raise ConfigError(f"[data] {key} must be a number in (0, 1), got {frac!r}")
+        check_fractions(val_fraction, test_fraction)
         split_seed = check_split_seed(split_seed)
         self.path, self.size, self.channels = Path(path).expanduser(), size, channels
         self.fractions, self.split_seed = (val_fraction, test_fraction), split_seed

@@ -36,6 +36,7 @@ from . import (
     DataSet,
     Splits,
     available_memory,
+    check_fractions,
     check_split_seed,
     not_found,
     register_dataset,
@@ -187,10 +188,7 @@ class Tensors(DataSet):
                               f"got {value_type!r}")
         if layout not in ("auto", "nchw", "nhwc"):
             raise ConfigError(f"[data] layout must be 'auto', 'nchw' or 'nhwc', got {layout!r}")
-        for key, frac in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
-            if isinstance(frac, bool) or not isinstance(frac, (int, float)) \
-                    or not 0 < frac < 1:
-                raise ConfigError(f"[data] {key} must be a number in (0, 1), got {frac!r}")
+        check_fractions(val_fraction, test_fraction)
         if n_classes is not None and (isinstance(n_classes, bool) or not isinstance(
                 n_classes, int) or not 1 <= n_classes <= MAX_CLASSES):
             raise ConfigError(f"[data] n_classes must be an integer in 1..{MAX_CLASSES}, "
