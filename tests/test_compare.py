@@ -231,3 +231,72 @@ def test_table_cells_keep_every_nat_of_large_values():
     assert _mean_std([10818.8, 10900.2]) == "10860 ± 58"
     assert _mean_std([84.45]) == "84.5" and _mean_std([22.7, 22.5, 22.9]) == "22.7 ± 0.2"
     assert _mean_std([None]) == "–"
+
+
+def _matched_grid():
+    """experiments/matched_grid.py as a module (a script, not part of the package)."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "experiments" / "matched_grid.py"
+    spec = importlib.util.spec_from_file_location("matched_grid", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_matched_grid_scores_every_row_at_one_k_on_the_same_images(tmp_path, monkeypatch,
+                                                                   capsys):
+    import json
+    import statistics
+    import sys
+
+    import torch
+
+    from priorvae.data import load_splits
+    from priorvae.likelihoods import prepare_splits
+    from priorvae.measure import mean_iwae_nll
+
+    config = tiny_toml(tmp_path / "c.toml", train={"epochs": 1})
+    with open(config, "a") as f:
+        f.write('\n[compare]\npriors = ["standard_normal", "mog"]\nseeds = [0]\n'
+                'expost = ["mog"]\nexpost_on = ["standard_normal"]\n'
+                "[compare.args.mog]\nn_components = 3\n")
+    out = tmp_path / "exp"
+    assert main(["compare", str(config), "--out", str(out), "--quiet"]) == 0
+    script = _matched_grid()
+    argv = ["matched_grid.py", str(out), "--iw-samples", "4", "--limit", "12"]
+    monkeypatch.setattr(sys, "argv", argv)
+    script.main()
+    rows = list(csv.DictReader(open(out / "matched" / "matched.csv")))
+    assert sorted({(r["row"], r["seed"]) for r in rows}) == sorted(
+        (row, seed) for row in ("standard_normal", "standard_normal+expost-mog", "mog")
+        for seed in ("0",))
+    assert {(r["iw_samples"], r["test_images"]) for r in rows} == {("4", "12")}
+    # the own prior's row is what a separate IWAE pass from the run's seed gives
+    run = Run.open(out / "standard_normal-seed0")
+    model = run.load_model("best", torch.device("cpu"))
+    splits = prepare_splits(load_splits(run.config.data), model.likelihood)
+    torch.manual_seed(run.config.train.seed)
+    own = mean_iwae_nll(model, splits.x_test[:12], 4)
+    by = {(r["row"], r["seed"]): r for r in rows}
+    assert float(by[("standard_normal", "0")]["test_nll"]) == pytest.approx(own, abs=1e-3)
+    # differences are per image against the same seed's N(0, I) VAE, with their se over images
+    for s in (0,):
+        ref = torch.tensor(json.loads((out / "matched" / f"standard_normal-seed{s}.json")
+                                      .read_text())["rows"]["trained"], dtype=torch.float64)
+        mog = torch.tensor(json.loads((out / "matched" / f"mog-seed{s}.json").read_text())
+                           ["rows"]["trained"], dtype=torch.float64)
+        assert len(ref) == 12
+        assert float(by[("standard_normal", str(s))]["diff_vs_standard_normal"]) == 0
+        assert float(by[("mog", str(s))]["diff_vs_standard_normal"]) == pytest.approx(
+            (mog - ref).mean().item(), abs=1e-3)
+        assert float(by[("mog", str(s))]["diff_stderr"]) == pytest.approx(
+            statistics.stdev((mog - ref).tolist()) / 12 ** 0.5, abs=1e-3)
+    md = (out / "matched" / "matched.md").read_text()
+    assert "| standard_normal | 0 |" in md and "0 (reference)" in md
+    # a second call reuses each cell's values (same best.pt, K and images)
+    stamps = {p.name: p.stat().st_mtime_ns for p in (out / "matched").glob("*-seed*.json")}
+    capsys.readouterr()
+    script.main()
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "matched").glob("*-seed*.json")} \
+        == stamps

@@ -1,0 +1,164 @@
+"""A compare grid's test NLLs at one K on the same test images, with paired standard errors.
+
+``compare`` evaluates each row at its own protocol: K = 5,000 on all test images for most,
+less where a density is costly (diffusion: K = 50 on 500 images; q(z) and the exemplar
+prior: K = 1,000 on 2,000). Rows at different K and images do not compare. This script
+scores every source of every evaluated cell of ``OUT`` (the VAE's own prior and each ex-post
+source it was evaluated with) at one K on the first ``--limit`` test images:
+
+- within a cell, all sources share one decoder pass (the same images and draws), as
+  ``experiments/matched_nll.py`` does;
+- each row is compared with the reference cell of the same seed (``--reference``, default
+  the ``standard_normal`` VAE with its own prior) by the mean of the per-image differences
+  and its standard error over images (a different VAE draws its own codes; the pairing is
+  by image);
+- over seeds: the mean, the standard deviation over seeds, and the paired standard error of
+  the mean difference, sqrt(sum se_s^2) / n_seeds.
+
+It reads the cells (shared lock) and writes only ``OUT/matched/``: one JSON per cell with its
+per-image values (reused when the cell's best.pt, K and images are unchanged, so an
+interrupted run goes on where it stopped), ``matched.csv`` and ``matched.md``.
+
+    PRIORVAE_DATA=../shared/data OMP_NUM_THREADS=1 python experiments/matched_grid.py \\
+        experiments/results/mnist_remedies_e100 --iw-samples 50 --limit 500
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import fnmatch
+import json
+import math
+import os
+import re
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from priorvae.data import load_splits
+from priorvae.expost import load_prior_source
+from priorvae.likelihoods import prepare_splits
+from priorvae.measure import mean_iwae_nlls
+from priorvae.runs import Run, file_sha256, resolve_device
+
+CELL = re.compile(r"(?P<prior>[A-Za-z0-9_.+-]+)-seed(?P<seed>\d+)")
+
+
+def sources_of(metrics: dict) -> list[str]:
+    """The run's own prior and each prior source it was evaluated with."""
+    return ["trained", *sorted((metrics.get("prior_sources") or {}).keys())]
+
+
+def score_cell(cell: Path, k: int, limit: int, cache: Path) -> dict:
+    """Per-image -IWAE_k of each source of ``cell`` on the first ``limit`` test images, one
+    decoder pass; cached in ``cache`` under the cell's best.pt digest, K and images."""
+    run = Run.open(cell)
+    key = {"best_sha256": file_sha256(run.checkpoint_path("best")), "iw_samples": k,
+           "limit": limit, "sources": sources_of(run.metrics())}
+    if cache.is_file() and not cache.is_symlink():
+        old = json.loads(cache.read_text())
+        if {name: old.get(name) for name in key} == key:
+            return old
+    t0 = time.perf_counter()
+    with run.lock("matched-grid", exclusive=False):
+        dev = resolve_device(run.config.train.device)
+        model = run.load_model("best", dev)
+        splits = prepare_splits(load_splits(run.config.data, device=dev), model.likelihood)
+        x = splits.x_test[:limit]
+        priors = [load_prior_source(run, model, source, splits) for source in key["sources"]]
+        torch.manual_seed(run.config.train.seed)
+        rows: list[torch.Tensor] = []
+        mean_iwae_nlls(model, x, k, priors, run.config.eval.batch_size, rows=rows)
+    nll = torch.cat(rows, dim=1).double()
+    if not torch.isfinite(nll).all():
+        raise SystemExit(f"{cell}: a non-finite per-image NLL; nothing written for it")
+    out = {**key, "test_images": len(x), "seconds": round(time.perf_counter() - t0, 1),
+           "rows": {source: row.tolist() for source, row in zip(key["sources"], nll,
+                                                                 strict=True)}}
+    tmp = cache.with_suffix(".tmp")
+    tmp.write_text(json.dumps(out))
+    os.replace(tmp, cache)
+    return out
+
+
+def label(prior: str, source: str) -> str:
+    return prior if source == "trained" else f"{prior}+{source}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("out", type=Path, help="a compare output folder")
+    ap.add_argument("--iw-samples", type=int, default=50)
+    ap.add_argument("--limit", type=int, default=500, help="the first N test images")
+    ap.add_argument("--reference", default="standard_normal")
+    ap.add_argument("--only", nargs="+", metavar="GLOB",
+                    help="score only these cells (e.g. two processes on two cores); the table "
+                         "then holds the cells scored so far")
+    args = ap.parse_args()
+    if args.iw_samples < 1 or args.limit < 2:
+        raise SystemExit("--iw-samples must be >= 1 and --limit >= 2")
+    folder = args.out / "matched"
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise SystemExit(f"{folder} is not a plain folder")
+    folder.mkdir(exist_ok=True)
+    cells = sorted((p for p in args.out.iterdir() if p.is_dir() and not p.is_symlink()
+                    and CELL.fullmatch(p.name) and (p / "best.pt").is_file()
+                    and (not args.only or any(fnmatch.fnmatch(p.name, g) for g in args.only))),
+                   key=lambda p: (int(CELL.fullmatch(p.name)["seed"]), p.name))
+    scored: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+    for cell in cells:
+        m = CELL.fullmatch(cell.name)
+        if Run.open(cell).metrics().get("test_nll") is None:
+            print(f"{cell.name}: not evaluated, skipped", flush=True)
+            continue
+        res = score_cell(cell, args.iw_samples, args.limit, folder / f"{cell.name}.json")
+        scored[(m["prior"], int(m["seed"]))] = {s: torch.tensor(r) for s, r in
+                                                 res["rows"].items()}
+        print(f"{cell.name}: {res['seconds']} s, "
+              + ", ".join(f"{s} {torch.tensor(r).mean():.3f}" for s, r in res["rows"].items()),
+              flush=True)
+    # every (row label) -> per seed (nll, diff vs the same seed's reference, se)
+    table: dict[str, dict[int, tuple[float, float, float]]] = {}
+    for (prior, seed), rows in scored.items():
+        ref = scored.get((args.reference, seed), {}).get("trained")
+        for source, row in rows.items():
+            d = (row - ref) if ref is not None else None
+            table.setdefault(label(prior, source), {})[seed] = (
+                row.mean().item(), d.mean().item() if d is not None else math.nan,
+                d.std().item() / len(d) ** 0.5 if d is not None else math.nan)
+    # the reference first, then its own sources, then the other priors
+    table = dict(sorted(table.items(), key=lambda kv: (
+        kv[0] != args.reference, not kv[0].startswith(args.reference + "+"), kv[0])))
+    with open(folder / "matched.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["row", "seed", "iw_samples", "test_images", "test_nll",
+                    f"diff_vs_{args.reference}", "diff_stderr"])
+        for name, seeds in table.items():
+            for seed, (nll, diff, se) in sorted(seeds.items()):
+                w.writerow([name, seed, args.iw_samples, args.limit, f"{nll:.4f}",
+                            f"{diff:.4f}", f"{se:.4f}"])
+    lines = [f"Test NLL at K = {args.iw_samples} on the first {args.limit} test images, every "
+             f"row ({args.out.name}); Δ: mean per-image difference from the {args.reference} "
+             "VAE of the same seed, mean over seeds; [paired se]: sqrt(sum of the seeds' "
+             "squared standard errors over images) / seeds; ± the standard deviation over "
+             "seeds.", "",
+             f"| row | seeds | test NLL (K = {args.iw_samples}, {args.limit} images) | "
+             f"Δ vs {args.reference} [paired se] |", "|---|---|---|---|"]
+    for name, seeds in table.items():
+        vals = [v for _, v in sorted(seeds.items())]
+        nlls, diffs, ses = zip(*vals, strict=True)
+        spread = lambda xs: f" ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else ""  # noqa: E731
+        diff = ("0 (reference)" if name == args.reference else
+                f"{statistics.mean(diffs):+.2f}{spread(diffs)} "
+                f"[{math.sqrt(sum(s * s for s in ses)) / len(ses):.2f}]")
+        lines.append(f"| {name} | {', '.join(str(s) for s in sorted(seeds))} | "
+                     f"{statistics.mean(nlls):.2f}{spread(nlls)} | {diff} |")
+    (folder / "matched.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
