@@ -148,12 +148,14 @@ def main() -> None:
              f"| row | seeds | test NLL (K = {args.iw_samples}, {args.limit} images) | "
              f"Δ vs {args.reference} [paired se] |", "|---|---|---|---|"]
     for name, seeds in table.items():
-        vals = [v for _, v in sorted(seeds.items())]
-        nlls, diffs, ses = zip(*vals, strict=True)
+        nlls = [nll for nll, _, _ in seeds.values()]
+        paired = [(d, se) for _, d, se in seeds.values() if math.isfinite(d)]  # has a reference
         spread = lambda xs: f" ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else ""  # noqa: E731
-        diff = ("0 (reference)" if name == args.reference else
-                f"{statistics.mean(diffs):+.2f}{spread(diffs)} "
-                f"[{math.sqrt(sum(s * s for s in ses)) / len(ses):.2f}]")
+        diffs, ses = [d for d, _ in paired], [se for _, se in paired]
+        diff = ("0 (reference)" if name == args.reference else "– (no reference)" if not paired
+                else f"{statistics.mean(diffs):+.2f}{spread(diffs)} "
+                     f"[{math.sqrt(sum(s * s for s in ses)) / len(ses):.2f}]"
+                     + ("" if len(paired) == len(seeds) else f" ({len(paired)} seeds)"))
         lines.append(f"| {name} | {', '.join(str(s) for s in sorted(seeds))} | "
                      f"{statistics.mean(nlls):.2f}{spread(nlls)} | {diff} |")
     (folder / "matched.md").write_text("\n".join(lines) + "\n")

@@ -300,3 +300,8 @@ def test_matched_grid_scores_every_row_at_one_k_on_the_same_images(tmp_path, mon
     script.main()
     assert {p.name: p.stat().st_mtime_ns for p in (out / "matched").glob("*-seed*.json")} \
         == stamps
+    # a table of cells without their seed's reference says so instead of a number
+    monkeypatch.setattr(sys, "argv", [*argv, "--only", "mog-*"])
+    script.main()
+    assert "| mog | 0 | " in capsys.readouterr().out
+    assert "– (no reference)" in (out / "matched" / "matched.md").read_text()
