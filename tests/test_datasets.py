@@ -439,6 +439,35 @@ def test_a_numpy_integer_class_count_is_accepted():
     assert s.n_classes == 3 and type(s.n_classes) is int
 
 
+@pytest.mark.parametrize(("kwargs", "match"), [
+    ({"n_validation": 0}, "\\[data\\] n_validation must be a positive integer, got 0"),
+    ({"n_validation": "9"}, "n_validation must be a positive integer, got '9'"),
+    ({"split_seed": -1}, "\\[data\\] split_seed must be an integer in 0..2\\*\\*63 - 1"),
+])
+@pytest.mark.parametrize("name", ["omniglot", "cifar10"])
+def test_split_keys_are_config_errors(tmp_path, capsys, name, kwargs, match):
+    """[data] n_validation and split_seed are both config values: a bad one is a ConfigError
+    (n_validation's was a DataError, the class of bad data), one line and exit code 2 from
+    the command line before anything is written; too few images for n_validation stays a
+    DataError (the data's fault)."""
+    from conftest import tiny_toml
+    from priorvae.cli import main
+
+    with pytest.raises(ConfigError, match=match) as info:
+        build_dataset(name, root=str(tmp_path), download=False, **kwargs)
+    _one_line(info)
+    sets = [f"--set=data.{k}={v!r}".replace("'", '"') for k, v in kwargs.items()]
+    config = tiny_toml(tmp_path / "c.toml", data={"name": name})
+    capsys.readouterr()
+    assert main(["train", str(config), "--out", str(tmp_path / "run"), "--quiet", *sets]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and re.search(match, err), err
+    assert not (tmp_path / "run").exists()
+    from priorvae.datasets import validation_permutation
+    with pytest.raises(DataError, match="holds 3 training images, not more than"):
+        validation_permutation(3, 3, 0, "here")
+
+
 def test_arrays_that_would_not_fit_in_memory_are_refused_from_their_headers(tmp_path,
                                                                             monkeypatch):
     """A .npy / .npz member whose header claims 10**11 values: refused by its header before

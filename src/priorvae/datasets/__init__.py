@@ -183,9 +183,12 @@ def not_found(what: str, path: Path) -> DataError:
 
 
 def check_n_validation(n_validation) -> int:
-    """``[data] n_validation``: a positive integer (the size of a seeded validation split)."""
+    """``[data] n_validation``: a positive integer (the size of a seeded validation split); a
+    config value, so a :class:`ConfigError` (a data set too small for it is a
+    :class:`DataError`, :func:`validation_permutation`)."""
     if isinstance(n_validation, bool) or not isinstance(n_validation, int) or n_validation < 1:
-        raise DataError(f"[data] n_validation must be a positive integer, got {n_validation!r}")
+        raise ConfigError(f"[data] n_validation must be a positive integer, "
+                          f"got {n_validation!r}")
     return n_validation
 
 
