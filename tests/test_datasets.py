@@ -439,6 +439,26 @@ def test_a_numpy_integer_class_count_is_accepted():
     assert s.n_classes == 3 and type(s.n_classes) is int
 
 
+@pytest.mark.parametrize("bad", [0, -1, 65537, 2.0, True, "3"])
+def test_n_classes_is_one_check_with_one_message(tmp_path, bad):
+    """[data] n_classes of the tensors data set (a config value: ConfigError) and the
+    n_classes of a data set's Splits (DataError) were two checks with two messages; now one,
+    each naming where the value came from."""
+    from priorvae.datasets import check_splits
+
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(0).random((20, 3)).astype(np.float32),
+             y=np.zeros(20, np.int64))
+    with pytest.raises(ConfigError) as config:
+        build_dataset("tensors", path=str(tmp_path / "d.npz"), n_classes=bad)
+    x, y = torch.rand(6, 3), torch.zeros(6, dtype=torch.long)
+    with pytest.raises(DataError) as data:
+        check_splits(Splits("mine", x, y, x, y, x, y, "intensity", bad))
+    config_line, data_line = _one_line(config), _one_line(data)
+    assert config_line.startswith("[data] n_classes must be an integer in 1..65536"), config_line
+    assert data_line.startswith("data set 'mine': n_classes must be"), data_line
+    assert config_line.partition(" n_classes ")[2] == data_line.partition(" n_classes ")[2]
+
+
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"n_validation": 0}, "\\[data\\] n_validation must be a positive integer, got 0"),
     ({"n_validation": "9"}, "n_validation must be a positive integer, got '9'"),

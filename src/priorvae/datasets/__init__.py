@@ -34,14 +34,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from ..errors import ConfigError, DataError, PluginError
+from ..errors import ConfigError, DataError, PluginError, PriorVAEError
 from ..registry import Registry
 
 __all__ = ["VALUE_TYPES", "DATASETS", "Splits", "DataSet", "register_dataset", "get_dataset_class",
            "build_dataset", "list_datasets", "load_dataset", "check_splits", "check_suits",
            "data_root", "split_by_fraction", "check_same_data", "available_memory",
-           "check_n_validation", "check_split_seed", "check_fractions", "not_found",
-           "validation_permutation", "MAX_CLASSES"]
+           "check_n_validation", "check_n_classes", "check_split_seed", "check_fractions",
+           "not_found", "validation_permutation", "MAX_CLASSES"]
 
 VALUE_TYPES = ("binary", "intensity", "8bit", "real")
 MAX_CLASSES = 65536  # n_classes: the quality classifier has one output per class
@@ -192,6 +192,19 @@ def check_n_validation(n_validation) -> int:
     return n_validation
 
 
+def check_n_classes(n_classes, where: str = "[data]", error: type[PriorVAEError] = ConfigError
+                    ) -> int | None:
+    """``n_classes``: None (no labels) or an integer in 1..``MAX_CLASSES``, returned as an int
+    (a numpy integer from a user's ``load()``). The one check of both places it comes from:
+    ``[data] n_classes`` (``where = "[data]"``, a :class:`ConfigError`) and a data set's
+    :class:`Splits` (``where = "data set 'NAME':"``, ``error = DataError``)."""
+    if n_classes is not None and (isinstance(n_classes, bool) or not isinstance(
+            n_classes, numbers.Integral) or not 1 <= n_classes <= MAX_CLASSES):
+        raise error(f"{where} n_classes must be an integer in 1..{MAX_CLASSES} (or none: no "
+                    f"labels), got {n_classes!r}")
+    return None if n_classes is None else int(n_classes)
+
+
 def check_split_seed(split_seed) -> int:
     """``[data] split_seed``: an integer in 0..2**63 - 1 (seeds a split permutation)."""
     if isinstance(split_seed, bool) or not isinstance(split_seed, int) \
@@ -242,13 +255,7 @@ def check_splits(splits: Splits, source: str = "") -> Splits:
     if splits.value_type not in VALUE_TYPES:
         raise DataError(f"{where}: value type {splits.value_type!r} is not one of "
                         f"{', '.join(VALUE_TYPES)}")
-    k = splits.n_classes
-    if k is not None and (isinstance(k, bool) or not isinstance(k, numbers.Integral)
-                          or not 1 <= k <= MAX_CLASSES):
-        raise DataError(f"{where}: n_classes must be None or an integer in 1..{MAX_CLASSES}, "
-                        f"got {k!r}")
-    if k is not None:
-        splits.n_classes = k = int(k)  # a numpy integer from a user's load() (y.max() + 1)
+    splits.n_classes = k = check_n_classes(splits.n_classes, f"{where}:", DataError)
     shape = None
     for part in ("train", "val", "test"):
         x, y = getattr(splits, f"x_{part}"), getattr(splits, f"y_{part}")

@@ -37,6 +37,7 @@ from . import (
     Splits,
     available_memory,
     check_fractions,
+    check_n_classes,
     check_split_seed,
     not_found,
     register_dataset,
@@ -189,10 +190,7 @@ class Tensors(DataSet):
         if layout not in ("auto", "nchw", "nhwc"):
             raise ConfigError(f"[data] layout must be 'auto', 'nchw' or 'nhwc', got {layout!r}")
         check_fractions(val_fraction, test_fraction)
-        if n_classes is not None and (isinstance(n_classes, bool) or not isinstance(
-                n_classes, int) or not 1 <= n_classes <= MAX_CLASSES):
-            raise ConfigError(f"[data] n_classes must be an integer in 1..{MAX_CLASSES}, "
-                              f"got {n_classes!r}")
+        n_classes = check_n_classes(n_classes)
         split_seed = check_split_seed(split_seed)
         self.path, self.files = path, {"train": train, "val": val, "test": test}
         self.declared, self.layout, self.declared_classes = value_type, layout, n_classes
