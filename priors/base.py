@@ -244,8 +244,8 @@ def _check_built(prior: Prior, name: str, latent_dim: int) -> None:
         except Exception as exc:
             raise PriorError(
                 f"prior {name!r} failed its build-time check (log_prob on z of shape "
-                f"(3, {latent_dim}), sample(2)): {type(exc).__name__}: {exc}"
-            ) from None
+                f"(3, {latent_dim}), sample(2)): {trust.describe_exception(exc)}"
+            ) from exc
 
 
 def build_prior(
@@ -287,6 +287,6 @@ def build_prior(
         raise
     except (Exception, SystemExit) as exc:  # a prior's __init__ must not end the program
         raise PriorError(f"could not build prior {name!r}: "
-                         f"{trust.describe_exception(exc)}") from None
+                         f"{trust.describe_exception(exc)}") from exc
     _check_built(prior, name, latent_dim)
     return prior

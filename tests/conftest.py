@@ -19,6 +19,7 @@ def _private_cache(tmp_path_factory):
     mp.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("config")))
     mp.delenv("PRIORVAE_TRUST_REMOTE_CODE", raising=False)
     mp.delenv("PRIORVAE_DATA", raising=False)
+    mp.delenv("PRIORVAE_DEBUG", raising=False)  # errors are one line, not a traceback
     yield
     mp.undo()
 

@@ -338,3 +338,102 @@ def test_own_plugins_by_entry_point_of_an_installed_distribution(tmp_path, monke
         line = one_line(err)
         assert code == 2 and f"no {kind} {names[kind]!r} is registered; registered: " in line
 
+
+
+BROKEN = '''
+import torch
+from torch import nn
+from priorvae.datasets import DataSet
+from priorvae.likelihoods import Likelihood
+from priorvae.networks import Networks
+
+
+class LoadRaises(DataSet):
+    value_type, n_classes, shape = "intensity", None, (1, 8, 8)
+
+    def load(self):
+        raise ValueError("bad column")
+
+
+class InitRaises(DataSet):
+    value_type = "intensity"
+
+    def __init__(self, root=None, download=True):
+        raise ValueError("bad column")
+
+
+class Lik(Likelihood):
+    value_types = frozenset({"intensity"})
+
+    def log_prob(self, out, x):
+        return -((x - out) ** 2).flatten(1).sum(-1)
+
+    def mean(self, out):
+        return out
+
+    def sample(self, out, generator=None):
+        return out
+
+
+class LikInitRaises(Lik):
+    def __init__(self, input_shape):
+        raise ValueError("bad column")
+
+
+class PrepareRaises(Lik):
+    def prepare_fixed(self, x, generator):
+        raise ValueError("bad column")
+
+
+class Raises(nn.Module):
+    def forward(self, x):
+        raise ValueError("bad column")
+
+
+class ForwardRaises(Networks):
+    def __init__(self, input_shape, latent_dim, out_channels, logvar_min=-6.0, logvar_max=2.0,
+                 hidden=(32,)):
+        super().__init__(input_shape, latent_dim, out_channels, logvar_min, logvar_max)
+        self.encoder, self.decoder = Raises(), Raises()
+
+
+class NetInitRaises(ForwardRaises):
+    def __init__(self, input_shape, latent_dim, out_channels, logvar_min=-6.0, logvar_max=2.0,
+                 hidden=(32,)):
+        raise ValueError("bad column")
+'''
+
+
+@pytest.mark.parametrize(("table", "cls", "says"), [
+    ("data", "LoadRaises", "data set '{spec}' failed to load"),
+    ("data", "InitRaises", "could not build data set '{spec}'"),
+    ("likelihood", "LikInitRaises", "could not build likelihood '{spec}'"),
+    ("likelihood", "PrepareRaises", "likelihood 'PrepareRaises': prepare_fixed failed on the "
+                                    "validation split"),
+    ("network", "NetInitRaises", "could not build network '{spec}'"),
+    ("network", "ForwardRaises", "network '{spec}': the encoder failed on a batch of 2 items "
+                                 "(1, 8, 8)"),
+])
+def test_an_exception_in_a_users_plugin_is_one_line_naming_it(tmp_path, monkeypatch, capsys,
+                                                              table, cls, says):
+    """A user's data set whose load() or __init__ raises, a likelihood or network whose
+    __init__ or first use raises: one line naming the plug-in and the exception, exit code 2,
+    no run folder (it was a traceback from load()); PRIORVAE_DEBUG=1 shows the traceback."""
+    from conftest import tiny_toml
+    from priorvae.errors import PluginError
+
+    path = tmp_path / "broken.py"
+    path.write_text(BROKEN)
+    spec = f"{path}:{cls}"
+    config = tiny_toml(tmp_path / "c.toml", **{table: {"name": spec}},
+                       train={"epochs": 1, "image_every": 0, "diagnostics_every": 0})
+    code, err = cli(capsys, "train", config, "--out", tmp_path / "run", "--quiet")
+    line = one_line(err)
+    assert code == 2 and line.startswith("priorvae train: error: "), line
+    assert says.format(spec=spec) + ": ValueError: bad column" in line, line
+    assert "PRIORVAE_DEBUG=1 shows the traceback" in line, line
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setenv("PRIORVAE_DEBUG", "1")
+    with pytest.raises(PluginError) as info:
+        main(["train", str(config), "--out", str(tmp_path / "run"), "--quiet"])
+    assert isinstance(info.value.__cause__, ValueError)  # the user's own, with its traceback

@@ -12,7 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
-from .errors import PriorVAEError
+from .errors import DEBUG_ENV, PriorVAEError
 from .stop import Terminated
 
 __all__ = ["main", "default_run_dir", "evaluation_summary", "auto_scale", "sample_canvas",
@@ -453,6 +453,8 @@ def main(argv: list[str] | None = None) -> int:
         try:  # at their next safe point
             code = args.func(args)
         except PriorVAEError as exc:
+            if os.environ.get(DEBUG_ENV, "").strip() not in ("", "0"):
+                raise  # the traceback, and the plug-in's exception chained to it
             print(f"priorvae {args.command}: error: {exc}", file=sys.stderr)
             return 2
         except RecursionError:  # a crafted file nested hundreds of levels deep

@@ -48,7 +48,7 @@ def load_splits(
         likelihood with :func:`~priorvae.likelihoods.prepare_splits`), labels or None.
     """
     dataset = build_dataset(name, root=root, download=download) if isinstance(name, str) \
-        else build_dataset(name)
+        else name  # a [data] table: its errors name the data set as the config does
     return load_dataset(dataset).to(device)
 
 

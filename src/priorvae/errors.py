@@ -1,7 +1,10 @@
-"""Exceptions that the command line prints as one clear line, without a traceback."""
+"""Exceptions that the command line prints as one clear line, without a traceback (with
+``PRIORVAE_DEBUG=1`` in the environment: with it)."""
 
-__all__ = ["PriorVAEError", "ConfigError", "DataError", "PluginError", "PriorError",
+__all__ = ["DEBUG_ENV", "PriorVAEError", "ConfigError", "DataError", "PluginError", "PriorError",
            "TrainingError", "RunError", "RunBusyError", "UntrustedCodeError"]
+
+DEBUG_ENV = "PRIORVAE_DEBUG"  # 1: the command line shows an error's traceback too
 
 
 class PriorVAEError(Exception):

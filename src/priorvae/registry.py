@@ -22,6 +22,9 @@ name -> class map and nothing else::
   :mod:`priorvae.trust` (pinning, run-folder rules), and must subclass the kind's base class.
 - ``build(name, **kwargs)``: keyword arguments checked against the class's ``__init__`` (the
   ``reserved`` ones are the caller's: ``latent_dim``, context...).
+- ``guard(doing)``: a context in which a plug-in's own code runs (its ``__init__`` in
+  ``build``, a data set's ``load()``, a network's first forward): an exception from it becomes
+  one line, ``DOING: Type: message``; ``PRIORVAE_DEBUG=1`` shows its traceback.
 
 Each kind's contract (base class) and built-ins live beside its registry, e.g.
 :mod:`priorvae.priors` for priors.
@@ -29,6 +32,7 @@ Each kind's contract (base class) and built-ins live beside its registry, e.g.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
 import fnmatch
 import importlib
@@ -305,10 +309,17 @@ class Registry:
         cls = self.get(name, sha256)
         self.check_arguments(name, cls, {k: v for k, v in kwargs.items()
                                          if k not in self.reserved})
-        try:
+        with self.guard(f"could not build {self.kind} {name!r}"):
             return cls(*args, **kwargs)
+
+    @contextlib.contextmanager
+    def guard(self, doing: str):
+        """Run a plug-in's own code: an exception from it (not one of priorvae's own, which
+        are one line already) becomes one line, ``DOING: Type: message``, which says how to
+        see its traceback (``PRIORVAE_DEBUG=1``: the original is chained)."""
+        try:
+            yield
         except PriorVAEError:
             raise
         except (Exception, SystemExit) as exc:  # user code must not end the program
-            raise self.error(f"could not build {self.kind} {name!r}: "
-                             f"{trust.describe_exception(exc)}") from None
+            raise self.error(f"{doing}: {trust.describe_exception(exc)}") from exc

@@ -42,7 +42,7 @@ from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import PluginError, UntrustedCodeError
+from .errors import DEBUG_ENV, PluginError, UntrustedCodeError
 
 try:
     import fcntl
@@ -96,10 +96,11 @@ def file_sha256(path: str | os.PathLike) -> str:
 
 
 def describe_exception(exc: BaseException) -> str:
-    """One line for an exception raised by user code."""
-    if isinstance(exc, SystemExit):
-        return f"it called sys.exit({exc.code!r})"
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    """One line for an exception raised by user code, saying how to see its traceback (the
+    error raised for it chains it: ``raise ... from exc``)."""
+    what = (f"it called sys.exit({exc.code!r})" if isinstance(exc, SystemExit) else
+            f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}")
+    return f"{what} ({DEBUG_ENV}=1 shows the traceback)"
 
 
 # -- finding a module's files without running code ---------------------------------------------
@@ -346,7 +347,7 @@ def _import_file(path: Path, spec: str, sha256: str | None, kind: str,
             exec(compile(source, str(path), "exec"), module.__dict__)
         except (Exception, SystemExit) as exc:  # user code must not end the program
             del sys.modules[mod_name]
-            raise error(f"could not import {path}: {describe_exception(exc)}") from None
+            raise error(f"could not import {path}: {describe_exception(exc)}") from exc
     return module
 
 
@@ -371,7 +372,7 @@ def _import_module(target: str, spec: str, error: type[Exception]):
         finally:
             sys.path.remove(cwd)
     except (Exception, SystemExit) as exc:
-        raise error(f"could not import module {target!r}: {describe_exception(exc)}") from None
+        raise error(f"could not import module {target!r}: {describe_exception(exc)}") from exc
 
 
 def import_class(spec: str, sha256: str | None = None, *, kind: str = "plug-in",

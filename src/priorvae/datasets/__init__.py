@@ -302,10 +302,13 @@ def check_splits(splits: Splits, source: str = "") -> Splits:
 
 
 def load_dataset(dataset: DataSet | Any) -> Splits:
-    """Load and check a data set (a :class:`DataSet` or a ``[data]`` table), on the CPU."""
+    """Load and check a data set (a :class:`DataSet` or a ``[data]`` table), on the CPU. An
+    exception from its ``load()`` is one line naming it (the table's name: a spec as given)."""
     ds = dataset if isinstance(dataset, DataSet) else build_dataset(dataset)
-    splits = ds.load()
     what = ds.name or type(ds).__name__
+    named = what if isinstance(dataset, DataSet) else dataset.name
+    with DATASETS.guard(f"data set {named!r} failed to load"):
+        splits = ds.load()
     if not isinstance(splits, Splits):
         raise DataError(f"data set {what!r}: load() must return priorvae.datasets.Splits, "
                         f"got {type(splits).__name__}")

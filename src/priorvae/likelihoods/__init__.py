@@ -136,11 +136,16 @@ def prepare_splits(splits, likelihood: Likelihood):
     """The splits with validation and test prepared once (``VALIDATION_SEED``, ``TEST_SEED``,
     drawn on the CPU whatever the splits' device); the training split is left as it is (it is
     prepared per batch)."""
-    def fixed(x: torch.Tensor, seed: int) -> torch.Tensor:
-        return prepare_once(likelihood, x.cpu(), seed).to(x.device)
+    cls = type(likelihood)  # its own registered name, not one inherited from a built-in
+    name = vars(cls).get("likelihood_name", cls.__name__)
 
-    return dataclasses.replace(splits, x_val=fixed(splits.x_val, VALIDATION_SEED),
-                               x_test=fixed(splits.x_test, TEST_SEED))
+    def fixed(x: torch.Tensor, seed: int, part: str) -> torch.Tensor:
+        with LIKELIHOODS.guard(f"likelihood {name!r}: prepare_fixed failed on the {part} "
+                               f"split"):
+            return prepare_once(likelihood, x.cpu(), seed).to(x.device)
+
+    return dataclasses.replace(splits, x_val=fixed(splits.x_val, VALIDATION_SEED, "validation"),
+                               x_test=fixed(splits.x_test, TEST_SEED, "test"))
 
 
 from . import bernoulli, categorical, discretized_logistic, gaussian  # noqa: E402,F401  built-ins

@@ -76,14 +76,17 @@ def check_networks(name: str, encoder: nn.Module, decoder: nn.Module, input_shap
     try:
         encoder.eval()
         decoder.eval()
-        enc = encoder(torch.zeros(2, *input_shape))
+        with NETWORKS.guard(f"network {name!r}: the encoder failed on a batch of 2 items "
+                            f"{tuple(input_shape)}"):
+            enc = encoder(torch.zeros(2, *input_shape))
         if not (isinstance(enc, (tuple, list)) and len(enc) == 2
                 and all(isinstance(t, torch.Tensor) and tuple(t.shape) == want_z for t in enc)):
             got = (tuple(tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
                          for t in enc) if isinstance(enc, (tuple, list)) else type(enc).__name__)
             raise ConfigError(f"network {name!r}: the encoder must return (mu, logvar), each "
                               f"{want_z} for a batch of 2 items {tuple(input_shape)}; got {got}")
-        out = decoder(torch.zeros(*want_z))
+        with NETWORKS.guard(f"network {name!r}: the decoder failed on z {want_z}"):
+            out = decoder(torch.zeros(*want_z))
         if not isinstance(out, torch.Tensor) or tuple(out.shape) != want_out:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
             raise ConfigError(
