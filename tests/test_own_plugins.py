@@ -216,6 +216,14 @@ def test_own_plugins_by_path_and_by_module_train_evaluate_and_sample(made, user_
     assert main(["sample", str(run), "--n", "8", "--out", str(png)]) == 0
     assert "each vector's 6 values as a row of cells" in capsys.readouterr().out
     assert png.stat().st_size > 0
+    # one test vector's posterior: said as a test example, not a test image
+    assert main(["sample", str(run), "--n", "8", "--out", str(png), "--source", "posterior",
+                 "--index", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "posterior of test example 1" in out and "framed in red: test example 1" in out, out
+    assert "test image" not in out, out
+    code, err = cli(capsys, "sample", run, "--out", png, "--source", "posterior", "--index", 99)
+    assert code == 2 and "--index must be in [0, 20) (the test examples), got 99" in one_line(err)
 
 
 @pytest.mark.parametrize("refused", sorted(SOURCES))

@@ -134,7 +134,7 @@ def _cmd_sample(args) -> int:
     if args.index is not None and args.source != "posterior":
         raise PriorVAEError("--index goes with --source posterior")
     if args.source == "posterior" and args.index is None:
-        raise PriorVAEError("--source posterior needs --index I (a test image)")
+        raise PriorVAEError("--source posterior needs --index I (which test example)")
     out = Path(args.out)
     if out.suffix.lower() != ".png" or out.is_dir():
         raise PriorVAEError(f"--out must name a .png file, got {args.out!r}")
@@ -153,12 +153,13 @@ def _cmd_sample(args) -> int:
             check_same_data(best.get("data_sha256"), splits.digest(), run.checkpoint_path("best"))
             splits = prepare_splits(splits, model.likelihood)
             if args.source == "posterior":
+                item = "test image" if splits.x_test.dim() == 4 else "test example"
                 if not 0 <= args.index < len(splits.x_test):
-                    raise PriorVAEError(f"--index must be in [0, {len(splits.x_test)}), "
-                                        f"got {args.index}")
+                    raise PriorVAEError(f"--index must be in [0, {len(splits.x_test)}) (the "
+                                        f"{item}s), got {args.index}")
                 mu, logvar = model.encode(splits.x_test[args.index:args.index + 1])
                 z = mu + torch.exp(0.5 * logvar) * torch.randn(args.n, mu.shape[1])
-                what = f"samples of the posterior of test image {args.index}"
+                what = f"samples of the posterior of {item} {args.index}"
             else:
                 z = AggregatedPosterior(*encode_split(model.encoder, splits.x_train,
                                                       likelihood=model.likelihood)).sample(args.n)
@@ -174,8 +175,7 @@ def _cmd_sample(args) -> int:
     buffer = io.BytesIO()
     save_image(canvas, buffer, format="png")
     atomic_write_bytes(out, buffer.getvalue())
-    shown = (f"; left, framed in red: test image {args.index}"
-             if condition is not None else "")
+    shown = (f"; left, framed in red: {item} {args.index}" if condition is not None else "")
     each = (f"each vector's {images.shape[-1]} values as a row of cells, black {low:.3g} to "
             f"white {high:.3g}" if vectors else f"each image {images.shape[-1]} px")
     print(f"wrote {args.n} {what} to {out} ({canvas.shape[2]}x{canvas.shape[1]} pixels, "
@@ -367,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(func=_cmd_evaluate)
 
     s = sub.add_parser("sample", help="an image grid of samples from a run's prior, its "
-                       "aggregated posterior, or one test image's posterior")
+                       "aggregated posterior, or one test example's posterior")
     s.add_argument("run_dir", help="a trained run folder")
     s.add_argument("--n", type=positive_int, default=64, help="number of samples (default 64)")
     s.add_argument("--out", required=True, help="PNG file to write")
@@ -379,9 +379,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=nonnegative_int, default=0, help="random seed (default 0)")
     s.add_argument("--source", choices=["prior", "aggregate", "posterior"], default="prior",
                    help="prior p(z) (default); aggregate q(z) of the training split; "
-                        "posterior q(z|x_I) of test image --index I ('digits like this one')")
+                        "posterior q(z|x_I) of test example (image or vector) --index I "
+                        "('digits like this one')")
     s.add_argument("--index", type=nonnegative_int,
-                   help="test image index, with --source posterior")
+                   help="test example index, with --source posterior")
     s.add_argument("--prior-source", default="trained", metavar="trained|aggregate|LABEL",
                    help="with --source prior: the run's own prior, q(z), or an ex-post prior")
     s.add_argument("--trust-remote-code", **trust)
