@@ -104,3 +104,35 @@ def test_conv_channels_and_resconv_sizes_refuse_booleans():
     for bad in ({"n_res": True}, {"res_hidden": True}):
         with pytest.raises(ConfigError, match=r"n_res must be >= 0 and res_hidden >= 1"):
             build_networks("resconv", (3, 8, 8), 2, 3, channels=[4, 4], **bad)
+
+
+@pytest.mark.parametrize(("name", "shape", "kwargs", "key"), [
+    ("mlp", (1, 8, 8), {"hidden": [10**10]}, "[network] hidden = [10000000000]"),
+    ("conv", (1, 8, 8), {"hidden": [8], "channels": [10**6, 10**6]},
+     "[network] hidden = [8], channels = [1000000, 1000000]"),
+    ("resconv", (3, 8, 8), {"channels": [4, 10**9]}, "[network] channels = [4, 1000000000]"),
+])
+def test_a_network_too_large_for_memory_is_refused_naming_its_sizes(name, shape, kwargs, key):
+    """A size with a few zeros too many was an allocation error from inside torch naming
+    the network, not the key (or, below the machine's total, a process the kernel kills):
+    now counted without allocating and refused in one line with the key and the memory."""
+    with pytest.raises(ConfigError) as info:
+        build_networks(name, shape, D, 1, **kwargs)
+    line = str(info.value)
+    assert "\n" not in line and line.startswith(key + " with [model] latent_dim = 3: "), line
+    assert "GiB as float32, but " in line and "GiB of memory are available here" in line, line
+
+
+def test_room_to_train_a_network_counts_its_gradients_and_adam_moments(monkeypatch):
+    """Training needs 4 copies of the weights (weights, gradients, Adam's two moments):
+    a network whose weights fit but whose training would not is refused when training."""
+    import priorvae.datasets
+
+    weights = sum(p.numel() * 4 for m in build_networks("mlp", (1, 8, 8), D, 1, hidden=[16])
+                  for p in m.parameters())
+    monkeypatch.setattr(priorvae.datasets, "available_memory", lambda: 2 * weights)
+    build_networks("mlp", (1, 8, 8), D, 1, hidden=[16])  # evaluating it: fits
+    with pytest.raises(ConfigError, match=r"\[network\] hidden = \[16\] with \[model\] "
+                                          r"latent_dim = 3: .* and .* GiB to train \(with "
+                                          r"gradients and Adam's moments\), but"):
+        build_networks("mlp", (1, 8, 8), D, 1, training=True, hidden=[16])

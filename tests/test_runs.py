@@ -411,3 +411,19 @@ def test_api_errors_are_priorvae_errors(run_dir):
         fit_prior(run_dir, "mog", epochs=0, progress=False)
     with pytest.raises(ConfigError):
         load_config(None, ["train.epochs=0"])
+
+
+def test_a_huge_network_size_from_the_command_line_is_one_line(tmp_path, capsys):
+    """--set network.hidden=[10000000000]: one line naming the key and the memory, no
+    folder (it was torch's allocation error naming only the network)."""
+    from priorvae.config import dump_toml
+
+    config = tmp_path / "c.toml"
+    config.write_text(dump_toml({"data": {"name": "digits"}, "model": {"latent_dim": 2},
+                                 "train": {"epochs": 1}}))
+    code, err = cli("train", config, "--out", tmp_path / "r", "--quiet", "--set",
+                    "network.hidden=[10000000000]", capsys=capsys)
+    line = one_line(err)
+    assert code == 2 and "[network] hidden = [10000000000] with [model] latent_dim = 2" in line
+    assert "GiB of memory are available here; choose smaller sizes" in line, line
+    assert not (tmp_path / "r").exists()

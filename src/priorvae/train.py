@@ -281,7 +281,8 @@ def _train(cfg: Config, run_dir: Path, progress: bool, env: DistEnv,
     check_suits(splits.value_type, lik_name,
                 get_likelihood_class(lik_name, lik_sha).value_types, cfg.data.name)
     torch.manual_seed(tc.seed)
-    model = build_vae(cfg, splits.input_shape, data=splits.x_train).to(device)
+    model = build_vae(cfg, splits.input_shape, data=splits.x_train,
+                      training=device.type == "cpu").to(device)  # room to train it here?
     splits = prepare_splits(splits, model.likelihood)  # validation and test, once
     opt = make_optimizer(model.parameters(), tc.lr)
     if env.enabled:  # each rank its own noise (binarization, eps); the shuffle is shared

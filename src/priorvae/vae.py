@@ -174,9 +174,11 @@ def network_spec(cfg: Config) -> tuple[str, str | None, dict]:
     return t.name, t.file_sha256, dict(t.kwargs)
 
 
-def build_vae(cfg: Config, input_shape, data: torch.Tensor | None = None) -> VAE:
+def build_vae(cfg: Config, input_shape, data: torch.Tensor | None = None,
+              training: bool = False) -> VAE:
     """Likelihood (``[likelihood]``), encoder and decoder (``[network]``, ``[model]``; their
-    output width from the likelihood) and prior (``[prior]``, given the encoder as context)."""
+    output width from the likelihood; ``training``: refused unless there is memory to train
+    them here) and prior (``[prior]``, given the encoder as context)."""
     input_shape = tuple(input_shape)
     name, sha, kwargs = likelihood_spec(cfg)
     likelihood = build_likelihood(name, input_shape, sha256=sha, **kwargs)
@@ -184,7 +186,7 @@ def build_vae(cfg: Config, input_shape, data: torch.Tensor | None = None) -> VAE
     encoder, decoder = build_networks(name, input_shape, cfg.model.latent_dim,
                                       likelihood.out_channels(input_shape[0]),
                                       cfg.model.logvar_min, cfg.model.logvar_max, sha256=sha,
-                                      **kwargs)
+                                      training=training, **kwargs)
     if data is None:  # restoring: priors that initialise from data get a placeholder
         if get_prior_class(cfg.prior.name, cfg.prior.file_sha256).needs_data:
             raise PriorError(f"prior {cfg.prior.name!r} is made of the training images: "

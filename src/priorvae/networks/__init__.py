@@ -23,11 +23,11 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, PriorVAEError
 from ..registry import Registry
 
 __all__ = ["Networks", "NETWORKS", "register_network", "build_networks", "list_networks",
-           "get_network_class", "check_networks"]
+           "get_network_class", "check_networks", "check_size"]
 
 RESERVED = ("input_shape", "latent_dim", "out_channels", "logvar_min", "logvar_max")
 
@@ -98,13 +98,51 @@ def check_networks(name: str, encoder: nn.Module, decoder: nn.Module, input_shap
             m.train(training)
 
 
+def check_size(name: str, sha256: str | None, context: dict, kwargs: dict,
+               training: bool = False) -> None:
+    """Refuse, before anything is allocated, a family whose float32 weights (``training``:
+    with their gradients and Adam's two moments, 4 times as much) would not fit in the memory
+    available here, naming its size arguments: the family is built once on the meta device,
+    which allocates nothing, to count them. One that cannot be built there is left to the
+    real build (which reports its errors)."""
+    from ..datasets import available_memory
+
+    cls = NETWORKS.get(name, sha256)
+    try:
+        with torch.device("meta"):
+            family = cls(**context, **kwargs)
+    except PriorVAEError:
+        raise
+    except (Exception, SystemExit):
+        return
+    tensors = [*family.parameters(), *family.buffers()]
+    weights = sum(t.numel() * t.element_size() for t in tensors)
+    need, have = weights * (4 if training else 1), available_memory()
+    if need > have:
+        sizes = ", ".join(f"{k} = {v!r}" for k, v in kwargs.items() if not isinstance(v, str))
+        defaults = ", ".join(f"{k} = {v!r}" for k, v in NETWORKS.arguments(cls).items())
+        gib = 2**30
+        raise ConfigError(
+            f"[network] {sizes or f'name = {name!r}'} with [model] latent_dim = "
+            f"{context['latent_dim']}: {sum(t.numel() for t in tensors):.3g} weights, "
+            f"{weights / gib:.3g} GiB as float32"
+            + (f" and {need / gib:.3g} GiB to train (with gradients and Adam's moments)"
+               if training else "")
+            + f", but {have / gib:.3g} GiB of memory are available here; choose smaller sizes"
+            + (f" (defaults: {defaults})" if defaults else ""))
+
+
 def build_networks(name: str, input_shape, latent_dim: int, out_channels: int,
                    logvar_min: float = -6.0, logvar_max: float = 2.0,
-                   sha256: str | None = None, **kwargs) -> tuple[nn.Module, nn.Module]:
-    """(encoder, decoder) of the family ``name`` (a registered name or a spec), checked."""
-    family = NETWORKS.build(name, sha256=sha256, input_shape=tuple(input_shape),
-                            latent_dim=latent_dim, out_channels=out_channels,
-                            logvar_min=logvar_min, logvar_max=logvar_max, **kwargs)
+                   sha256: str | None = None, training: bool = False,
+                   **kwargs) -> tuple[nn.Module, nn.Module]:
+    """(encoder, decoder) of the family ``name`` (a registered name or a spec), checked: its
+    size first (:func:`check_size`; ``training``: room for training it too), then the shapes
+    of its outputs."""
+    context = dict(input_shape=tuple(input_shape), latent_dim=latent_dim,
+                   out_channels=out_channels, logvar_min=logvar_min, logvar_max=logvar_max)
+    check_size(name, sha256, context, kwargs, training)
+    family = NETWORKS.build(name, sha256=sha256, **context, **kwargs)
     check_networks(name, family.encoder, family.decoder, input_shape, latent_dim, out_channels)
     return family.encoder, family.decoder
 
