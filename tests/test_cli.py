@@ -23,22 +23,35 @@ def run_cli(*args, check=True):
     return proc
 
 
-def test_train_evaluate_sample_load_run(tmp_path):
-    config = tiny_toml(tmp_path / "c.toml", train={"epochs": 4})
+def main_out(capsys, *args) -> tuple[int, str, str]:
+    """``priorvae ARGS`` in this process: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    code = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_train_evaluate_sample_load_run(tmp_path, capsys):
+    """In this process (a fresh interpreter per command cost about 3 s of start-up each on a
+    busy 2-core machine; `python -m priorvae` is run by the bad-input tests)."""
+    config = tiny_toml(tmp_path / "c.toml", train={"epochs": 2})
     run = tmp_path / "run"
-    out = run_cli("train", str(config), "--out", str(run), "--set", "train.seed=5", "--quiet")
-    assert '"status": "finished"' in out.stdout
+    code, out, err = main_out(capsys, "train", config, "--out", run, "--set", "train.seed=5",
+                              "--quiet")
+    assert code == 0, err
+    assert '"status": "finished"' in out
     for name in ("config.toml", "best.pt", "last.pt", "metrics.json"):
         assert (run / name).is_file(), name
     assert "seed = 5" in (run / "config.toml").read_text()
 
-    out = run_cli("evaluate", str(run), "--iw-samples", "30", "--quiet", "--json")
+    code, out, err = main_out(capsys, "evaluate", run, "--iw-samples", "30", "--quiet", "--json")
+    assert code == 0, err
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["iw_samples"] == 30 and metrics["test_images"] == 300
     assert metrics["test_nll"] > 0 and metrics["test_elbo"] < 0
     # the IWAE bound is tighter than the ELBO
     assert metrics["test_nll"] < -metrics["test_elbo"]
-    assert json.loads(out.stdout)["test_nll"] == metrics["test_nll"]
+    assert json.loads(out)["test_nll"] == metrics["test_nll"]
 
     for key in ("kl", "mutual_info", "marginal_kl", "kl_prior_to_agg", "hole_rate", "mmd",
                 "active_units", "fd_prior", "fd_aggregate", "class_entropy_prior"):
@@ -53,12 +66,13 @@ def test_train_evaluate_sample_load_run(tmp_path):
 
     # without --json: a summary a person reads, each metric with its better direction; and
     # evaluating again says nothing about TensorBoard's existing embedding folder
-    out = run_cli("evaluate", str(run), "--iw-samples", "30", "--quiet")
-    assert not out.stdout.lstrip().startswith("{")
-    assert "hole rate ↓" in out.stdout and "(p = q: 1.0%)" in out.stdout
-    assert f"{100 * metrics['hole_rate']:.1f}%" in out.stdout
-    assert "metrics.json" in out.stdout
-    assert "Embedding dir exists" not in out.stdout + out.stderr
+    code, out, err = main_out(capsys, "evaluate", run, "--iw-samples", "30", "--quiet")
+    assert code == 0, err
+    assert not out.lstrip().startswith("{")
+    assert "hole rate ↓" in out and "(p = q: 1.0%)" in out
+    assert f"{100 * metrics['hole_rate']:.1f}%" in out
+    assert "metrics.json" in out
+    assert "Embedding dir exists" not in out + err
     # the Projector of a 2-d latent: a third column of zeros, named in the tag
     pbtxt = (run / "projector_config.pbtxt").read_text()
     assert "test_posterior_means_2d_plus_zero_column" in pbtxt
@@ -70,18 +84,19 @@ def test_train_evaluate_sample_load_run(tmp_path):
     for source in (["--source", "prior"], ["--source", "aggregate"],
                    ["--source", "posterior", "--index", "3"]):
         png = tmp_path / f"samples-{source[1]}.png"
-        out = run_cli("sample", str(run), "--n", "16", "--out", str(png), *source)
+        code, out, err = main_out(capsys, "sample", run, "--n", "16", "--out", png, *source)
+        assert code == 0, err
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-        assert source[1] in out.stdout or "posterior of test image 3" in out.stdout
+        assert source[1] in out or "posterior of test image 3" in out
         # 4 x 4 digits of 8 px with 1 px gaps, drawn at 4x: (4 * 9 + 1) * 4 = 148 px
         image = Image.open(png).convert("RGB")
         width = 148 + (13 * 4 if source[1] == "posterior" else 0)  # + the framed test image
         assert image.size == (width, 148), (source, image.size)
-        assert f"{image.size[0]}x{image.size[1]} pixels" in out.stdout
+        assert f"{image.size[0]}x{image.size[1]} pixels" in out
         red = image.getpixel((5, 5))  # the frame around the test image the samples are of
         assert (red == (255, 0, 0)) == (source[1] == "posterior"), (source, red)
     png = tmp_path / "scale1.png"
-    run_cli("sample", str(run), "--n", "16", "--out", str(png), "--scale", "1")
+    assert main_out(capsys, "sample", run, "--n", "16", "--out", png, "--scale", "1")[0] == 0
     assert Image.open(png).size == (37, 37)
     bad = run_cli("sample", str(run), "--out", str(tmp_path / "x.png"), "--source", "posterior",
                   check=False)
