@@ -16,11 +16,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 
 import torch
 
 from priorvae.data import load_splits
+from priorvae.datasets import check_same_data
+from priorvae.errors import PriorVAEError
 from priorvae.evaluate import paired_difference
 from priorvae.expost import load_prior_source
 from priorvae.likelihoods import prepare_splits
@@ -28,19 +31,37 @@ from priorvae.measure import mean_iwae_nlls
 from priorvae.runs import Run, resolve_device
 
 
-def main() -> None:
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
+def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("run_dir")
     ap.add_argument("--sources", nargs="+", default=["trained"])
-    ap.add_argument("--iw-samples", type=int, default=50)
-    ap.add_argument("--limit", type=int, default=500)
+    ap.add_argument("--iw-samples", type=_positive, default=50)
+    ap.add_argument("--limit", type=_positive, default=500)
     ap.add_argument("--device")
     args = ap.parse_args()
+    try:
+        _matched(args)
+    except PriorVAEError as exc:
+        print(f"matched_nll: error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _matched(args) -> None:
     run = Run.open(args.run_dir)
     with run.lock("matched-nll", exclusive=False):
         dev = resolve_device(args.device or run.config.train.device)
-        model = run.load_model("best", dev)
-        splits = prepare_splits(load_splits(run.config.data, device=dev), model.likelihood)
+        best = run.load_checkpoint("best", dev)
+        model = run.load_model("best", dev, best)
+        splits = load_splits(run.config.data, device=dev)
+        check_same_data(best.get("data_sha256"), splits.digest(), run.checkpoint_path("best"))
+        splits = prepare_splits(splits, model.likelihood)
         x = splits.x_test[:args.limit]
         priors = [model.prior if source == "trained" else load_prior_source(
             run, model, source, splits) for source in args.sources]
@@ -54,10 +75,11 @@ def main() -> None:
             diff, se = paired_difference(row, nll[0])
             print(json.dumps({"source": source, "test_nll": round(row.double().mean().item(), 3),
                               f"diff_vs_{args.sources[0]}": round(diff, 3),
-                              "diff_stderr": round(se, 3), "iw_samples": args.iw_samples,
+                              "diff_stderr": round(se, 3) if len(x) > 1 else None,
+                              "iw_samples": args.iw_samples,
                               "test_images": len(x),
                               "seconds": round(time.perf_counter() - t0, 1)}), flush=True)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -367,3 +367,33 @@ def test_exemplar_refuses_a_single_training_image():
     loss at step 1 with a half-written run folder; now one line when the prior is built."""
     with pytest.raises(PriorError, match="needs at least 2 training images, the data set has 1"):
         _exemplar(n=1)
+
+
+def test_matched_record_counts_the_images_it_scored(tmp_path):
+    # a --limit beyond the test split scores every test image; the matched record gave the
+    # limit as its number of images (10^6 here), which a table would print as matched_test_images
+    from priorvae.evaluate import evaluate_sources
+    from priorvae.expost import fit_prior
+
+    run = _trained_digits_run(tmp_path, eval={"iw_samples": 5},
+                              train={"epochs": 1, "image_every": 0, "diagnostics_every": 0})
+    fit_prior(run, "mog", {"n_components": 2}, epochs=2, progress=False)
+    out = evaluate_sources(run, ["trained", "expost-mog"], progress=False, diagnostics=False,
+                           limit=10**6)
+    n = out["trained"]["test_images"]
+    assert n < 10**6 and out["expost-mog"]["test_images"] == n
+    assert out["trained"]["matched"]["test_images"] == n
+    assert out["expost-mog"]["matched"]["test_images"] == n
+    # experiments/matched_nll.py (runs evaluated before 'matched'): --limit -5 scored all but
+    # the last 5 images, and one image printed a NaN standard error (not JSON)
+    import json
+    from pathlib import Path
+
+    script = Path(__file__).parents[1] / "experiments" / "matched_nll.py"
+    args = [sys.executable, str(script), str(run), "--sources", "trained", "expost-mog",
+            "--iw-samples", "3", "--limit"]
+    bad = subprocess.run([*args, "-5"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "--limit: must be a positive integer" in bad.stderr
+    one = subprocess.run([*args, "1"], capture_output=True, text=True, check=True)
+    lines = [json.loads(line, parse_constant=pytest.fail) for line in one.stdout.splitlines()]
+    assert [r["test_images"] for r in lines] == [1, 1] and lines[1]["diff_stderr"] is None

@@ -198,6 +198,7 @@ def evaluate_sources(run_dir: str | Path, prior_sources: list[str] | tuple[str, 
             k, lim, plan["n_log_prob"], plan["fallback"] = _fallback(
                 plan["prior"], label, iw_samples or cfg.eval.iw_samples, iw_samples, limit,
                 len(splits.x_test), n_diagnostic)
+            lim = None if lim is not None and lim >= len(splits.x_test) else lim  # all of them
             plans.setdefault((k, lim), []).append(plan)
         n_test = len(splits.x_test)
         cost = sum(k * min(lim or n_test, n_test) for k, lim in plans)
@@ -234,7 +235,7 @@ def evaluate_sources(run_dir: str | Path, prior_sources: list[str] | tuple[str, 
             model.prior = trained_prior
         labels = [p["label"] for p in plans[matched]] + [p["label"] for p in passengers]
         if len(labels) > 1 and TRAINED in labels:
-            _save_matched(run, out, labels, rows[0], *matched, n_test)
+            _save_matched(run, out, labels, rows[0], matched[0])
         return out
 
 
@@ -245,16 +246,15 @@ def paired_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return d.mean().item(), se
 
 
-def _save_matched(run: Run, out: dict, labels: list[str], nll: torch.Tensor, k: int,
-                  lim: int | None, n_test: int) -> None:
+def _save_matched(run: Run, out: dict, labels: list[str], nll: torch.Tensor, k: int) -> None:
     """Each source's ``matched`` record: its test NLL at the common (K, images) with the same
     draws as every other source of the pass, and its paired difference from the run's own
-    prior (``trained``) with the standard error over images."""
+    prior (``trained``) with the standard error over images. ``nll``: (sources, images)."""
     ref = nll[labels.index(TRAINED)]
     records = {}
     for label, row in zip(labels, nll, strict=True):
         diff, se = paired_difference(row, ref)
-        records[label] = {"iw_samples": k, "test_images": lim or n_test,
+        records[label] = {"iw_samples": k, "test_images": nll.shape[1],
                           "test_nll": row.double().mean().item(), "reference": TRAINED,
                           "diff": diff, "diff_stderr": se, "shared_with": labels}
     metrics = run.metrics()
