@@ -305,3 +305,77 @@ def test_matched_grid_scores_every_row_at_one_k_on_the_same_images(tmp_path, mon
     script.main()
     assert "| mog | 0 | " in capsys.readouterr().out
     assert "– (no reference)" in (out / "matched" / "matched.md").read_text()
+
+
+def test_crafted_values_in_a_cells_metrics_are_left_out_of_the_tables(tmp_path, capsys):
+    # metrics.json is data: the new fields (matched, *_stderr, truncation_share, fit_improved)
+    # holding a string, a list or a number beyond a float ended compare in a traceback
+    # ('str' object has no attribute 'get', could not convert string to float) or wrote
+    # Infinity into results.json
+    import json
+
+    from priorvae.compare import _collect_rows, _row, write_results
+
+    cfg = load_config(tiny_toml(tmp_path / "c.toml"))
+    good = {"status": "finished", "test_nll": 22.5, "hole_rate": 0.05,
+            "hole_rate_stderr": 0.004, "epochs_trained": 3, "device": "cpu"}
+    crafted = [{"matched": "x"}, {"matched": [1, 2]}, {"matched": {"diff": "abc"}},
+               {"hole_rate_stderr": "abc"}, {"truncation_share": [0.5] * 10_000},
+               {"truncation_share": float("inf")}, {"fit_improved": [1]},
+               {"test_nll": "22"}, {"epochs_trained": "3"}, {"device": ["cpu"]}]
+    rows = [_row(f"cell{i}", cfg, good | bad) for i, bad in enumerate(crafted)]
+    assert "is not a value of that column; left out" in capsys.readouterr().err
+    write_results(tmp_path, rows)
+    assert "22.5" in (tmp_path / "results.md").read_text()
+    body = (tmp_path / "results.csv").read_text().partition("\n")[2]  # mutual_info: a name
+    assert "inf" not in body and "abc" not in body and "[" not in body
+    json.loads(json.dumps(rows), parse_constant=lambda c: pytest.fail(c))  # no Infinity
+    # an ex-post source's results that are not a JSON object are no results
+    out = tmp_path / "grid"
+    cell = out / "standard_normal-seed0"
+    cell.mkdir(parents=True)
+    (cell / "config.toml").write_text((tmp_path / "c.toml").read_text())
+    for sources in ("x", [1], {"expost-mog": "latent_c2st_auc"}, {"expost-mog": 3}):
+        (cell / "metrics.json").write_text(json.dumps(
+            good | {"latent_c2st_auc": 0.5, "best_epoch": 3, "prior_sources": sources}))
+        rows, unfinished = _collect_rows(out, [(cell.name, cfg)], ["mog"], None)
+        assert len(rows) == 1 and unfinished == ["standard_normal-seed0+expost-mog"]
+
+
+def test_monte_carlo_error_of_a_mean_uses_the_rows_the_mean_averages(tmp_path):
+    # fd_prior of two classifiers: the mean keeps the most common one's rows (seeds 0, 1), and
+    # so must its error: sqrt(0.3² + 0.4²) / 2 = 0.25, not the 33 that seed 2's error made it
+    from priorvae.compare import RESULT_COLUMNS, write_results
+
+    row = {c: None for c in RESULT_COLUMNS} | {"prior": "flow", "latent_dim": 2, "run": "r"}
+    rows = [row | {"seed": s, "fd_prior": fd, "fd_prior_stderr": se, "quality_classifier": c,
+                   "hole_rate": 0.1, "hole_rate_stderr": hse}
+            for s, fd, se, c, hse in [(0, 1.0, 0.3, "aaaa", 0.01), (1, 3.0, 0.4, "aaaa", None),
+                                      (2, 100.0, 100.0, "bbbb", 0.01)]]
+    write_results(tmp_path, rows)
+    table = next(line for line in (tmp_path / "results.md").read_text().splitlines()
+                 if line.startswith("| flow |"))
+    assert "2 ± 1.4 † [0.25]" in table
+    # a row without an error (evaluated before errors were recorded): no error for the mean
+    assert "0.1 ± 1.7e-17 |" in table
+
+
+def test_rows_at_another_k_or_other_images_say_so(tmp_path):
+    # a cell evaluated by hand at another K (evaluate --iw-samples / --limit, no fallback) and
+    # a matched pass at other (K, images) went into the same columns with nothing said
+    from priorvae.compare import RESULT_COLUMNS, write_results
+
+    row = {c: None for c in RESULT_COLUMNS} | {"prior": "flow", "latent_dim": 2, "run": "r",
+                                               "test_nll": 80.0, "matched_diff": -0.4,
+                                               "matched_diff_stderr": 0.06}
+    rows = [row | {"seed": s, "iw_samples": k, "test_images": n, "matched_iw_samples": mk,
+                   "matched_test_images": mn}
+            for s, k, n, mk, mn in [(0, 5000, 10000, 50, 500), (1, 5000, 10000, 50, 500),
+                                    (2, 100, 500, 5000, 10000)]]
+    write_results(tmp_path, rows)
+    text = (tmp_path / "results.md").read_text()
+    assert "test NLL: IWAE bound (K = 5000 on 10000 test images unless noted below)" in text
+    assert "(K = 50 on 500 test images unless noted below)" in text
+    assert "- flow (seed 2): test NLL at K = 100 on 500 test images; Δ NLL, matched, at " \
+           "K = 5000 on 10000 test images" in text
+    assert "(seed 0)" not in text and "(seed 1)" not in text

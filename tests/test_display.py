@@ -151,3 +151,18 @@ def test_messages_say_how_to_reopen_runs_of_custom_priors(tmp_path, capsys, monk
     assert code == 2 and "No module named 'nc_laplace'" in err and "PYTHONPATH" in err
     monkeypatch.syspath_prepend(str(made))  # as PYTHONPATH=made does
     assert main(["sample", str(made / "module"), "--out", "c.png"]) == 0
+
+
+def test_evaluate_summary_shows_errors_truncation_matched_and_a_fit_without_gain():
+    from priorvae.cli import evaluation_summary
+
+    metrics = {"test_images": 500, "iw_samples": 50, "test_nll": 85.1, "hole_rate": 0.041,
+               "hole_rate_stderr": 0.0052, "truncation_share": 0.406, "fit_improved": False,
+               "matched": {"diff": -0.383, "diff_stderr": 0.061, "iw_samples": 50,
+                           "test_images": 500}}
+    text = evaluation_summary("run", "expost-resampled", metrics)
+    assert "4.1% ± 0.5%" in text and "LARS truncation share ↓" in text and "40.6%" in text
+    assert "-0.383 ± 0.061 nats, matched: K = 50, 500 test images" in text
+    assert "did not improve on its starting point" in text
+    assert "Δ NLL" not in evaluation_summary("run", "trained", metrics)  # 0 by definition
+    assert metric("truncation_share").label == "LARS truncation share ↓"

@@ -604,3 +604,22 @@ def test_an_expost_prior_fitted_to_another_best_checkpoint_is_refused(run_dir, c
                     run_dir.parent / "stale.png", capsys=capsys)
     assert code == 2 and "fitted to another best.pt" in one_line(err)
     assert not (run_dir.parent / "stale.png").exists()
+
+
+def test_crafted_numbers_in_metrics_json_end_evaluate_in_no_traceback(run_dir, capsys):
+    # JSON allows 1e999, Python reads it as inf, and writing metrics.json back (allow_nan=False)
+    # raised ValueError; a summary metric holding a string or a list (kept: the same
+    # checkpoint, no diagnostics asked for) ended evaluate's summary in a TypeError
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    text = json.dumps(metrics)[:-1] + ', "matched": {"diff": 1e999, "test_nll": -1e400}}'
+    (run_dir / "metrics.json").write_text(text)
+    assert Run.open(run_dir).metrics()["matched"] == {"diff": None, "test_nll": None}
+    code, err = cli(*COMMANDS["evaluate"](run_dir, None), capsys=capsys)
+    assert code == 0 and "Traceback" not in err, err
+    assert strict_json(run_dir / "metrics.json")["test_nll"] > 0
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    (run_dir / "metrics.json").write_text(json.dumps(metrics | {
+        "fd_prior": "abc", "hole_rate": [1] * 1000, "hole_rate_stderr": "x",
+        "truncation_share": {"a": 1}, "eval_seconds": "1"}))
+    code, err = cli(*COMMANDS["evaluate"](run_dir, None), capsys=capsys)
+    assert code == 0 and "Traceback" not in err, err

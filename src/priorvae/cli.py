@@ -78,7 +78,7 @@ def _cmd_train(args) -> int:
 
 def _cmd_evaluate(args) -> int:
     from .evaluate import evaluate_sources
-    from .measure import DIAGNOSTIC_KEYS
+    from .measure import DIAGNOSTIC_KEYS, STDERR_KEYS
 
     sources = list(dict.fromkeys(args.prior_source or ["trained"]))
     results = evaluate_sources(args.run_dir, sources, iw_samples=args.iw_samples,
@@ -87,7 +87,8 @@ def _cmd_evaluate(args) -> int:
                                trust_remote_code=args.trust_remote_code,
                                allow_expensive=args.allow_expensive)
     keys = ("test_elbo", "test_nll", "iw_samples", "test_images", "eval_seconds",
-            *DIAGNOSTIC_KEYS)
+            *DIAGNOSTIC_KEYS, *(f"{k}_stderr" for k in STDERR_KEYS), "log_normalizer_stderr",
+            "truncation_share", "truncation", "fit_improved", "matched")
     for source, metrics in results.items():
         if args.json:  # one JSON line per source, every number in full
             line = {k: metrics[k] for k in keys if k in metrics}
@@ -100,22 +101,43 @@ def _cmd_evaluate(args) -> int:
     return 0
 
 
+def _number(value) -> bool:
+    """A finite int or float (metrics.json is data: a crafted one holds anything)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and \
+        math.isfinite(value)
+
+
 def evaluation_summary(run_dir, source: str, metrics: dict) -> str:
-    """A few lines a person reads: the key metrics of one prior source with their better
-    direction and the value they take when p = q (from :mod:`priorvae.metrics_schema`)."""
+    """A few lines a person reads: the key metrics of one prior source with their Monte-Carlo
+    error where there is one, their better direction and the value they take when p = q (from
+    :mod:`priorvae.metrics_schema`); then the LARS truncation share, the matched difference
+    from the run's own prior and a fit that did not improve, when the source has them."""
     from .metrics_schema import SUMMARY_KEYS, metric
 
     head = (f"{run_dir} with prior {source!r}: {metrics.get('test_images')} test images, "
             f"K = {metrics.get('iw_samples')}")
-    if metrics.get("eval_seconds") is not None:
+    if _number(metrics.get("eval_seconds")):
         head += f", {metrics['eval_seconds']:.0f} s"
     lines = [head]
-    for key in SUMMARY_KEYS:
-        if metrics.get(key) is None:
+    for key in (*SUMMARY_KEYS, "truncation_share"):
+        if not _number(metrics.get(key)):
             continue
         m = metric(key)
+        value = m.format(metrics[key])
+        if _number(metrics.get(f"{key}_stderr")):
+            value += f" ± {m.format(metrics[f'{key}_stderr'])}"
         ref = f"   (p = q: {m.format(m.reference)})" if m.reference is not None else ""
-        lines.append(f"  {m.label:<26} {m.format(metrics[key]):>12}   {m.cue}{ref}".rstrip())
+        lines.append(f"  {m.label:<26} {value:>12}   {m.cue}{ref}".rstrip())
+    matched = metrics.get("matched")
+    if source != "trained" and isinstance(matched, dict) and _number(matched.get("diff")) \
+            and _number(matched.get("diff_stderr")):
+        lines.append(f"  {'Δ NLL vs own prior':<26} {matched['diff']:>+12.3f} ± "
+                     f"{matched['diff_stderr']:.2g} nats, matched: K = "
+                     f"{matched.get('iw_samples')}, {matched.get('test_images')} test images, "
+                     f"the same draws")
+    if metrics.get("fit_improved") is False:
+        lines.append("  its ex-post fit did not improve on its starting point: kept as it "
+                     "started")
     return "\n".join(lines)
 
 

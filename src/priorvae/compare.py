@@ -52,6 +52,7 @@ from .runs import (
     atomic_write_bytes,
     check_inside,
 )
+from .sanity import warn
 from .stop import check_stop
 
 __all__ = ["grid", "execution_order", "check_grid", "run_compare", "write_results",
@@ -206,16 +207,40 @@ def check_grid(runs: list[tuple[str, Config]], expost: list[str]) -> None:
             raise ConfigError(f"grid cell {name}: {exc}") from None
 
 
+_TEXT_COLUMNS = ("device", "evaluation_fallback", "quality_classifier")
+
+
+def _cell_value(col: str, value: Any) -> Any:
+    """A metrics.json value as the tables take it: a finite number (text in the text columns,
+    true/false in ``fit_improved``); anything else None. metrics.json is data: a crafted or
+    damaged one (a string, a list, 1e999) must not end the tables in a traceback."""
+    if value is None:
+        return None
+    if col in _TEXT_COLUMNS:
+        return value if isinstance(value, str) and len(value) <= 1000 else None
+    if col == "fit_improved":
+        return value if isinstance(value, bool) else None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
+            not math.isfinite(value):
+        return None
+    return value
+
+
 def _row(name: str, cfg: Config, metrics: dict, source: str = TRAINED) -> dict[str, Any]:
     prior = cfg.prior.name.rpartition(":")[2]
     row = {"prior": prior if source == TRAINED else f"{prior}+{source}", "seed": cfg.train.seed,
            "latent_dim": cfg.model.latent_dim, "run": name}
-    for col in RESULT_COLUMNS[3:]:
-        row[col] = metrics.get(col)
-    matched = metrics.get("matched") or {}
-    for col, key in zip(MATCHED_COLUMNS, ("test_nll", "diff", "diff_stderr", "iw_samples",
-                                          "test_images"), strict=True):
-        row[col] = matched.get(key)
+    matched = metrics.get("matched")
+    matched = matched if isinstance(matched, dict) else {}
+    values = {**{col: metrics.get(col) for col in RESULT_COLUMNS[3:]},
+              **{col: matched.get(key) for col, key in zip(
+                  MATCHED_COLUMNS, ("test_nll", "diff", "diff_stderr", "iw_samples",
+                                    "test_images"), strict=True)}}
+    for col, value in values.items():
+        row[col] = _cell_value(col, value)
+        if row[col] is None and value is not None:
+            warn("compare", f"{name}{'' if source == TRAINED else ' ' + source}: metrics.json "
+                 f"{col} = {str(value)[:40]!r} is not a value of that column; left out")
     return row
 
 
@@ -282,14 +307,18 @@ def _values(group: list[dict], key: str, main: str | None, div: float = 1) -> li
     return [None if r[key] in (None, "") else float(r[key]) / div for r in keep]
 
 
-def _error_note(group: list[dict], key: str) -> str:
+def _error_note(group: list[dict], key: str, main: str | None = None) -> str:
     """' [se]' after a column whose rows carry a Monte-Carlo standard error (``KEY_stderr``
     or, for the matched difference, its paired standard error): of the mean over the rows,
-    sqrt(sum se^2) / n, to set beside the spread over seeds."""
-    errors = [r.get(f"{key}_stderr") for r in group]
-    errors = [float(e) for e in errors if e not in (None, "")]
-    if not errors:
+    sqrt(sum se^2) / n, to set beside the spread over seeds. The rows are those the mean
+    averages (:func:`_values`: with a value, of classifier ``main``); none when one of them
+    has no error (evaluated before priorvae recorded it)."""
+    keep = [r for r in group if main is None or not _quality_key(key)
+            or str(r.get("quality_classifier")) == main]
+    errors = [r.get(f"{key}_stderr") for r in keep if r.get(key) not in (None, "")]
+    if not errors or any(e in (None, "") for e in errors):
         return ""
+    errors = [float(e) for e in errors]
     return f" [{math.sqrt(sum(e * e for e in errors)) / len(errors):.2g}]"
 
 
@@ -306,7 +335,7 @@ def _table(groups: dict[tuple, list[dict]], cols: list[tuple[str, str, float]],
             values = _values(group, key, main, div)
             short = _quality_key(key) and len(values) < len(group)
             cells.append(_mean_std(values) + (" †" if short else "")
-                         + _error_note(group, key))
+                         + _error_note(group, key, main))
         seeds = ", ".join(str(r["seed"]) for r in group)
         lines.append(f"| {prior} | {dim} | {seeds} | {_span([r['epochs_trained'] for r in group])}"
                      f" | {', '.join(sorted({str(r.get('device')) for r in group}))} | "
@@ -314,14 +343,30 @@ def _table(groups: dict[tuple, list[dict]], cols: list[tuple[str, str, float]],
     return lines
 
 
-def _row_notes(r: dict) -> list[str]:
-    """What a reader must know about how one row was evaluated."""
+def _most_common(rows: list[dict], keys: tuple[str, str]) -> tuple | None:
+    """The most common (K, test images) of ``keys`` among the rows that have them."""
+    pairs = Counter(tuple(r.get(k) for k in keys) for r in rows
+                    if all(r.get(k) not in (None, "") for k in keys))
+    return max(sorted(pairs, key=str), key=pairs.__getitem__) if pairs else None
+
+
+_EVAL, _MATCHED = ("iw_samples", "test_images"), ("matched_iw_samples", "matched_test_images")
+
+
+def _row_notes(r: dict, common: dict | None = None) -> list[str]:
+    """What a reader must know about how one row was evaluated (``common``: the most common
+    (K, test images) of the test NLL and of the matched column, which the header names)."""
     notes = []
     if r.get("log_normalizer_stderr") not in (None, ""):
         notes.append(f"test_nll includes an estimated log Z, standard error "
                      f"{float(r['log_normalizer_stderr']):.2g} nats")
     if r.get("evaluation_fallback"):
         notes.append(r["evaluation_fallback"])
+    for keys, what in ((_EVAL, "test NLL"), (_MATCHED, "Δ NLL, matched,")):
+        pair = tuple(r.get(k) for k in keys)
+        if (common or {}).get(keys) not in (None, pair) and None not in pair and not (
+                keys == _EVAL and r.get("evaluation_fallback")):
+            notes.append(f"{what} at K = {pair[0]} on {pair[1]} test images")
     share = r.get("truncation_share")
     if share not in (None, "") and float(share) > TRUNCATION_WARNING:
         notes.append(f"{float(share):.0%} of its samples are the last, unfiltered proposal of "
@@ -357,6 +402,9 @@ def write_results(out: Path, rows: list[dict[str, Any]], title: str = "") -> Non
     for row in rows:
         groups.setdefault((row["prior"], row["latent_dim"]), []).append(row)
     main = _main_classifier(rows)
+    common = {keys: _most_common(rows, keys) for keys in (_EVAL, _MATCHED)}
+    at = {keys: "" if common[keys] is None else f" (K = {common[keys][0]} on "
+          f"{common[keys][1]} test images unless noted below)" for keys in common}
     lines = [f"# {title or 'Comparison'}", "",
              "Mean ± standard deviation over seeds; nats except hole_rate (share), "
              "active_units (count), fd_* (Fréchet distance in classifier features), "
@@ -364,16 +412,18 @@ def write_results(out: Path, rows: list[dict[str, Any]], title: str = "") -> Non
              "images (precision, recall, coverage in [0, 1]; c2st_auc 0.5 = indistinguishable), "
              "train (the VAE's training) and fit (an ex-post prior's fit) in seconds or minutes; "
              "seeds: the seeds averaged, epochs: the epochs they trained. "
+             f"test NLL: IWAE bound{at[_EVAL]}. "
              "Δ NLL vs own prior, matched: every source of one VAE scored on the same test "
-             "images with the same draws at the smallest (K, images) among them "
-             "(matched_iw_samples, matched_test_images in results.csv), minus the VAE's own "
+             "images with the same draws at the smallest (K, images) among them"
+             f"{at[_MATCHED]}, minus the VAE's own "
              "prior; [x]: the Monte-Carlo (paired) standard error of the mean over the "
-             "seeds, beside their spread.", "",
+             "seeds, beside their spread (of the k-NN precision, recall, density and "
+             "coverage a lower bound: the noise of their own points only).", "",
              *_table(groups, [c for c in HEADLINE if bits or c[1] != "test_bits_per_dim"],
                      main), "", "Every column:", "",
              *_table(groups, [(c, c, 1) for c in cols], main)]
-    notes = [f"- {r['prior']} (seed {r['seed']}): " + "; ".join(n for n in _row_notes(r))
-             for r in rows if _row_notes(r)]
+    notes = [f"- {r['prior']} (seed {r['seed']}): " + "; ".join(_row_notes(r, common))
+             for r in rows if _row_notes(r, common)]
     if notes:
         lines += ["", "Evaluated differently (see metrics.json):", "", *notes]
     if main is not None:  # fd_* / feature_* of different classifiers are not comparable
@@ -511,8 +561,15 @@ def _cell_metrics(run_dir: Path) -> dict:
     return Run.open(run_dir).metrics() if os.path.lexists(run_dir / "config.toml") else {}
 
 
+def _source_metrics(metrics: dict, label: str) -> dict:
+    """A cell's saved results of prior source ``label`` ({} when none, or not an object)."""
+    sources = metrics.get("prior_sources")
+    saved = sources.get(label) if isinstance(sources, dict) else None
+    return saved if isinstance(saved, dict) else {}
+
+
 def _source_evaluated(metrics: dict, label: str) -> bool:
-    return "latent_c2st_auc" in metrics.get("prior_sources", {}).get(label, {})
+    return "latent_c2st_auc" in _source_metrics(metrics, label)
 
 
 def _run_cell(run_dir: Path, run_cfg: Config, step: str, expost_names: list[str],
@@ -565,7 +622,7 @@ def _collect_rows(out: Path, runs: list[tuple[str, Config]], expost_names: list[
             if not _source_evaluated(metrics, label):
                 unfinished.append(f"{name}+{label}")
                 continue
-            saved = metrics["prior_sources"][label]
+            saved = _source_metrics(metrics, label)
             rows.append(_row(name, run_cfg, {**saved, **{k: metrics.get(k) for k in (
                 "train_seconds", "epochs_trained", "device")}}, label))
     return rows, unfinished

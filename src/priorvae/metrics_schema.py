@@ -90,6 +90,8 @@ _ALL = [
     Metric("feature_coverage", "feature coverage", "", "higher"),
     Metric("feature_c2st_auc", "image classifier AUC", "", "lower", 0.5),
     Metric("feature_c2st_acc", "image classifier accuracy", "", "lower", 0.5),
+    # the share of a truncated (LARS) sampler's samples that are its last, unfiltered proposal
+    Metric("truncation_share", "LARS truncation share", "%", "lower"),
 ]
 METRICS: dict[str, Metric] = {m.key: m for m in _ALL}
 

@@ -200,6 +200,13 @@ def _constant_as_null(name: str) -> None:
     return None
 
 
+def _finite_float_or_null(text: str) -> float | None:
+    """A JSON number beyond a float (1e999, which Python reads as inf): null, like NaN, so
+    that metrics.json stays valid JSON when it is written back."""
+    value = float(text)
+    return value if math.isfinite(value) else None
+
+
 def _write_error(path: Path, exc: OSError) -> RunError:
     """One line for a failed write: 'No space left on device', 'Read-only file system'..."""
     return RunError(f"could not write {path}: {exc.strerror or exc}")
@@ -526,7 +533,8 @@ class Run:
         if not os.path.lexists(path):
             return {}
         try:
-            metrics = json.loads(read_regular(path), parse_constant=_constant_as_null)
+            metrics = json.loads(read_regular(path), parse_constant=_constant_as_null,
+                                 parse_float=_finite_float_or_null)
         except (UnicodeDecodeError, ValueError, RecursionError) as exc:
             what = "nested too deeply" if isinstance(exc, RecursionError) else exc
             raise RunError(f"{path} is damaged ({what}); delete it to start its summary "
