@@ -54,7 +54,7 @@ def test_train_evaluate_sample_load_run(tmp_path, capsys):
     assert json.loads(out)["test_nll"] == metrics["test_nll"]
 
     for key in ("kl", "mutual_info", "marginal_kl", "kl_prior_to_agg", "hole_rate", "mmd",
-                "active_units", "fd_prior", "fd_aggregate", "class_entropy_prior"):
+                "mmd_stderr", "active_units", "fd_prior", "fd_aggregate", "class_entropy_prior"):
         assert key in metrics, key
     assert metrics["kl"] == pytest.approx(metrics["mutual_info"] + metrics["marginal_kl"])
     for space in ("latent", "feature"):

@@ -141,3 +141,25 @@ def test_monte_carlo_errors_match_the_spread_of_repeated_draws():
     surgery = elbo_surgery(mu, logvar, prior, n_points=300)
     assert {"kl_stderr", "mutual_info_stderr", "marginal_kl_stderr"} <= set(surgery)
     assert all(0 < surgery[k] < 1 for k in ("kl_stderr", "marginal_kl_stderr"))
+
+
+@pytest.mark.parametrize("shift", [0.0, 0.5])
+def test_mmd_stderr_matches_the_spread_of_repeated_draws(shift):
+    # MMD² is a sample-based measure like the hole rate: its Monte-Carlo error (from the other
+    # chunks of one evaluation's samples) must predict the spread of independent evaluations
+    from priorvae.diagnostics import mmd_stderr
+    from priorvae.measure import STDERR_KEYS
+    from priorvae.runs import EVALUATION_KEYS
+
+    gen = torch.Generator().manual_seed(0)
+    m = 300
+
+    def draw(n):
+        return torch.randn(n, 3, generator=gen), torch.randn(n, 3, generator=gen) + shift
+
+    spread = torch.tensor([mmd(*draw(m)) for _ in range(60)]).std().item()
+    predicted = sum(mmd_stderr(*draw(5 * m), m) for _ in range(30)) / 30
+    assert 0.7 < predicted / spread < 1.4, (predicted, spread)
+    assert mmd_stderr(*draw(m + 10), m) is None  # one chunk: no error to give
+    assert "mmd" in STDERR_KEYS  # recorded as mmd_stderr, dropped with the other results
+    assert {f"{k}_stderr" for k in STDERR_KEYS} <= set(EVALUATION_KEYS)

@@ -20,7 +20,7 @@ with ``log_prob``/``sample`` (a prior, an :class:`~priorvae.aggregate.Aggregated
   median pairwise distance of the pooled samples (median heuristic).
 - Monte-Carlo errors: every Monte-Carlo mean above comes with ``NAME_stderr`` (std / sqrt(n)
   of its terms); the hole rate with a bootstrap over both of its samples
-  (:func:`hole_rate_stderr`).
+  (:func:`hole_rate_stderr`); the MMD over disjoint chunks of its samples (:func:`mmd_stderr`).
 - :func:`active_units`: number of latent units u with Var_x(E_q[z_u | x]) > 0.01
   (Burda et al., 2016).
 
@@ -39,7 +39,7 @@ from .aggregate import AggregatedPosterior
 from .gaussian import LOG_2PI
 
 __all__ = ["elbo_surgery", "kl_prior_to_agg", "hole_rate", "hole_rate_stderr", "mmd",
-           "active_units"]
+           "mmd_stderr", "active_units"]
 
 
 @torch.no_grad()
@@ -152,6 +152,22 @@ def mmd(x: torch.Tensor, y: torch.Tensor, bandwidth: float | None = None) -> flo
     term_x = (kxx.sum() - kxx.diagonal().sum()) / (m * (m - 1))
     term_y = (kyy.sum() - kyy.diagonal().sum()) / (n * (n - 1))
     return (term_x + term_y - 2 * kxy.mean()).item()
+
+
+@torch.no_grad()
+def mmd_stderr(x: torch.Tensor, y: torch.Tensor, m: int) -> float | None:
+    """Monte-Carlo standard error of :func:`mmd` of ``m`` samples a side: the standard deviation
+    of MMD^2 over the disjoint m-point chunks of x (n, D) and y (n, D), independent repeated
+    draws (None with fewer than two chunks). One bandwidth for all, the median distance of
+    every second pooled point of the first chunks: no random number is drawn."""
+    chunks = min(len(x), len(y)) // m
+    if chunks < 2:
+        return None
+    pooled = torch.cat([x[:m], y[:m]]).double()[::2]
+    h = torch.pdist(pooled).median().item()
+    values = [mmd(x[i * m:(i + 1) * m], y[i * m:(i + 1) * m], bandwidth=h)
+              for i in range(chunks)]
+    return torch.tensor(values, dtype=torch.float64).std().item()
 
 
 def active_units(mu: torch.Tensor, threshold: float = 0.01) -> int:

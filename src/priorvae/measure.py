@@ -24,7 +24,14 @@ from tqdm.auto import tqdm
 
 from .aggregate import AggregatedPosterior, encode_split
 from .data import Splits, iterate_batches
-from .diagnostics import active_units, elbo_surgery, hole_rate, kl_prior_to_agg, mmd
+from .diagnostics import (
+    active_units,
+    elbo_surgery,
+    hole_rate,
+    kl_prior_to_agg,
+    mmd,
+    mmd_stderr,
+)
 from .quality import class_entropy, features, frechet_distance
 from .stop import check_stop
 from .twosample import classifier_two_sample, knn_two_sample
@@ -61,8 +68,8 @@ def two_sample(real: torch.Tensor, fake: torch.Tensor, prefix: str) -> tuple[dic
 
 
 # the metrics that carry a Monte-Carlo standard error, as NAME_stderr beside NAME
-STDERR_KEYS = ("kl", "mutual_info", "marginal_kl", "kl_prior_to_agg", "hole_rate", "fd_prior",
-               "fd_aggregate", *(f"{side}_{k}" for side in ("latent", "feature")
+STDERR_KEYS = ("kl", "mutual_info", "marginal_kl", "kl_prior_to_agg", "hole_rate", "mmd",
+               "fd_prior", "fd_aggregate", *(f"{side}_{k}" for side in ("latent", "feature")
                                  for k in TWO_SAMPLE_KEYS))
 
 
@@ -189,6 +196,9 @@ def _diagnose(model, splits, classifier, n, train_subset, heldout, heldout_label
     m = min(n, 2000)
     z_prior, z_agg = model.prior.sample(n), agg.sample(n)
     metrics["mmd"] = mmd(z_prior[:m], z_agg[:m])
+    se = mmd_stderr(z_prior, z_agg, m)  # over the other chunks of the n samples (none: n < 2m)
+    if se is not None:
+        metrics["mmd_stderr"] = se
     metrics["active_units"] = active_units(mu_te)
     # two-sample measures in latent space: the real side is one code of each held-out image
     m_two = min(n, len(mu_codes))
