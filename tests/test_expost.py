@@ -155,3 +155,30 @@ def test_a_fit_that_does_not_improve_says_so(trained_run, capsys):
                      progress=False)
     assert good["improved"] is True and good["val_loss"] < good["start_val_loss"]
     assert "mog3" not in capsys.readouterr().err
+
+
+def test_a_fit_whose_only_gain_is_one_lucky_epoch_is_kept_as_it_started(trained_run, capsys,
+                                                                        monkeypatch):
+    # the smoothed curve never beats the start, one epoch does: the fit says it did not
+    # improve and "is kept as it started", so the saved prior must be the start, not the
+    # lucky epoch's state (it was, with a validation loss other than the start's)
+    import priorvae.expost as expost
+
+    real, calls = expost._val_loss, []
+
+    def scripted(prior, z_val, batch=10_000):
+        value = real(prior, z_val, batch)
+        calls.append(value)
+        epoch = len(calls) - 1  # call 0: the start; 1..12: the epochs; then the result
+        if 1 <= epoch <= 12:
+            return calls[0] - 0.5 if epoch == 3 else calls[0] + 0.01 * (epoch % 2)
+        return value
+
+    monkeypatch.setattr(expost, "_val_loss", scripted)
+    out = fit_prior(trained_run, "mog", {"n_components": 2}, label="mog-lucky",
+                    method="gradient", lr=0.05, epochs=12, patience=3, progress=False)
+    assert len(calls) >= 14 and out["epochs"] == 12 and out["improved"] is False
+    assert "mog-lucky did not improve on its starting point" in capsys.readouterr().err
+    assert out["val_loss"] == out["start_val_loss"]  # the prior as it started
+    record = fit_record(Run.open(trained_run), "mog-lucky")
+    assert record["val_loss"] == record["start_val_loss"]

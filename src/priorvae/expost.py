@@ -240,6 +240,7 @@ def fit_prior(run_dir: str | Path, name: str, kwargs: dict[str, Any] | None = No
                 bar.set_postfix(val_loss=f"{val_loss:.3f}")
 
             start = _val_loss(prior.eval(), z_val)  # the prior as built: the starting point
+            start_state = copy.deepcopy(prior.state_dict())
             if method == "em":
                 history = em_fit_mog(prior, mu_tr, lv_tr, z_val, iterations=epochs,
                                      patience=patience, callback=log)
@@ -252,6 +253,9 @@ def fit_prior(run_dir: str | Path, name: str, kwargs: dict[str, Any] | None = No
             raise PriorError(f"the fitted {label} has a non-finite validation loss "
                              f"({val_loss}); nothing was saved")
         improved = val_loss < start - 1e-4 if method == "em" else stopper.improved
+        if not improved:  # no progress beyond noise (a lucky epoch is none): kept as it started
+            prior.load_state_dict(start_state)
+            val_loss = _val_loss(prior.eval(), z_val)
         scores = {"val_loss": val_loss, "start_val_loss": start, "improved": improved}
         if _likelihood_objective(prior):
             scores["val_nll"] = val_loss
