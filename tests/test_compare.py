@@ -360,6 +360,72 @@ def test_monte_carlo_error_of_a_mean_uses_the_rows_the_mean_averages(tmp_path):
     assert "0.1 ± 1.7e-17 |" in table
 
 
+def test_stage_grid_stages_what_a_grid_needs_and_refuses_links_fifos_and_huge_files(tmp_path):
+    # a grid folder is data: the old script ran `git add GRID` (a symbolic link to /etc/passwd
+    # and a stray log went into the commit) and read metrics.json through a FIFO (it hung)
+    import json
+    import os
+    import subprocess
+    import sys
+
+    script = Path(__file__).parents[1] / "experiments" / "stage_grid.py"
+    repo = tmp_path / "repo"
+    grid = repo / "experiments" / "results" / "g"
+
+    def git(*args):
+        return subprocess.run(["git", "-C", str(repo), *args], capture_output=True, text=True,
+                              check=True).stdout
+
+    for name, status in (("done-seed0", "finished"), ("busy-seed0", "running")):
+        (grid / name / "figures").mkdir(parents=True)
+        for entry, text in (("config.toml", "[data]\n"), ("best.pt", "b"), ("last.pt", "l"),
+                            ("figures/samples.png", "p"), ("events.out.tfevents.1.vm", "e"),
+                            ("metrics.json", json.dumps({"status": status}))):
+            (grid / name / entry).write_text(text)
+    (grid / "compare.toml").write_text("[compare]\n")
+    (grid / "busy-seed0" / "nohup.out").write_text("a stray log")
+    git("init", "-q")
+    shutil.copy(script.parents[1] / ".gitignore", repo / ".gitignore")
+
+    def stage():
+        return subprocess.run([sys.executable, str(script), str(grid.relative_to(repo))],
+                              cwd=repo, capture_output=True, text=True, timeout=60)
+
+    assert stage().returncode == 0
+    staged = sorted(git("diff", "--cached", "--name-only").split())
+    prefix = "experiments/results/g/"
+    assert staged == [prefix + p for p in (
+        "busy-seed0/best.pt", "busy-seed0/config.toml", "busy-seed0/events.out.tfevents.1.vm",
+        "busy-seed0/figures/samples.png", "busy-seed0/last.pt", "busy-seed0/metrics.json",
+        "compare.toml", "done-seed0/best.pt", "done-seed0/config.toml",
+        "done-seed0/events.out.tfevents.1.vm", "done-seed0/figures/samples.png",
+        "done-seed0/metrics.json")]
+    git("reset", "-q")
+    (grid / "done-seed0" / "figures" / "evil.png").symlink_to("/etc/passwd")
+    hostile = {"evil.png is a symbolic link": lambda: None}
+    metrics = grid / "busy-seed0" / "metrics.json"
+
+    def fifo():
+        (grid / "done-seed0" / "figures" / "evil.png").unlink()
+        metrics.unlink()
+        os.mkfifo(metrics)
+
+    def huge():
+        metrics.unlink()
+        metrics.write_text(json.dumps({"status": "running"}))
+        with open(grid / "busy-seed0" / "last.pt", "wb") as f:
+            f.truncate(200 * 2**20)  # sparse: no disk used
+
+    hostile["metrics.json is not a regular file"] = fifo
+    hostile["last.pt is 200 MB, over the 95 MB"] = huge
+    for message, plant in hostile.items():
+        plant()
+        done = stage()
+        assert done.returncode == 2 and message in done.stderr, done.stderr
+        assert done.stderr.count("\n") == 1 and "nothing was staged" in done.stderr
+        assert git("diff", "--cached", "--name-only") == ""
+
+
 def test_rows_at_another_k_or_other_images_say_so(tmp_path):
     # a cell evaluated by hand at another K (evaluate --iw-samples / --limit, no fallback) and
     # a matched pass at other (K, images) went into the same columns with nothing said
