@@ -397,3 +397,35 @@ def test_matched_record_counts_the_images_it_scored(tmp_path):
     one = subprocess.run([*args, "1"], capture_output=True, text=True, check=True)
     lines = [json.loads(line, parse_constant=pytest.fail) for line in one.stdout.splitlines()]
     assert [r["test_images"] for r in lines] == [1, 1] and lines[1]["diff_stderr"] is None
+
+
+def test_sources_evaluated_before_join_the_matched_pass_of_a_resumed_evaluation(tmp_path):
+    # compare interrupted in its matched pass resumes by evaluating only the missing sources;
+    # those evaluated before lost their matched record (only the missing source and the run's
+    # own prior were scored together). match_with brings them into the pass again: the same
+    # records as one joint evaluation
+    import shutil
+
+    from priorvae.evaluate import evaluate_sources
+    from priorvae.expost import fit_prior
+
+    run = _trained_digits_run(tmp_path, eval={"iw_samples": 4},
+                              train={"epochs": 1, "image_every": 0, "diagnostics_every": 0})
+    fit_prior(run, "mog", {"n_components": 2}, epochs=2, progress=False)
+    fit_prior(run, "mog", {"n_components": 3}, label="mog3", epochs=2, progress=False)
+    joint = tmp_path / "joint"
+    shutil.copytree(run, joint)
+    together = evaluate_sources(joint, ["trained", "expost-mog", "mog3"], progress=False,
+                                diagnostics=False)
+    evaluate_sources(run, ["trained", "expost-mog"], progress=False, diagnostics=False)
+    resumed = evaluate_sources(run, ["mog3"], progress=False, diagnostics=False,
+                               match_with=["expost-mog", "gone", "trained"])
+    saved = read_metrics(run)
+    records = {"trained": saved["matched"], "mog3": resumed["mog3"]["matched"],
+               "expost-mog": saved["prior_sources"]["expost-mog"]["matched"]}
+    assert {tuple(sorted(r["shared_with"])) for r in records.values()} == {
+        ("expost-mog", "mog3", "trained")}
+    for label, record in records.items():
+        want = together[label]["matched"]
+        assert record["diff"] == pytest.approx(want["diff"], abs=1e-9), label
+        assert record["diff_stderr"] == pytest.approx(want["diff_stderr"], abs=1e-9), label

@@ -598,8 +598,10 @@ def _run_cell(run_dir: Path, run_cfg: Config, step: str, expost_names: list[str]
                 not run.prior_source_files(label)[0].is_file():
             fit_prior(run_dir, expost, progress=progress)
     sources = ([] if done else [TRAINED]) + missing
+    # the sources evaluated before (an interrupted compare) join the matched pass again
     for label, saved in evaluate_sources(run_dir, sources, progress=progress,
-                                         hparam_keys=hparams).items():
+                                         hparam_keys=hparams, match_with=[
+                                             lb for lb in labels if lb not in missing]).items():
         name = step if label == TRAINED else f"{step} with {label}"
         print(f"{name}: test NLL {saved['test_nll']:.2f}, hole rate {saved['hole_rate']:.3f}",
               flush=True)

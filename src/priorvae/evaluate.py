@@ -21,7 +21,7 @@ import torch
 
 from .data import load_splits
 from .datasets import check_same_data
-from .errors import RunError
+from .errors import PriorVAEError, RunError
 from .likelihoods import prepare_splits
 from .measure import diagnose, mean_elbo, mean_iwae_nlls
 from .metrics_schema import SUMMARY_KEYS
@@ -149,7 +149,8 @@ def evaluate_sources(run_dir: str | Path, prior_sources: list[str] | tuple[str, 
                      progress: bool = True, limit: int | None = None, diagnostics: bool = True,
                      n_diagnostic: int = 10_000, trust_remote_code: bool = False,
                      hparam_keys: list[str] | None = None,
-                     allow_expensive: bool = False) -> dict[str, dict]:
+                     allow_expensive: bool = False,
+                     match_with: list[str] | tuple[str, ...] = ()) -> dict[str, dict]:
     """:func:`evaluate_run` for several prior sources of one run under one lock, with one
     decoder pass for the test NLL of all sources evaluated at the same K on the same images.
 
@@ -159,6 +160,11 @@ def evaluate_sources(run_dir: str | Path, prior_sources: list[str] | tuple[str, 
     separate ``evaluate_run`` gives (the same seed, noise and arithmetic); sources that fall
     back to other limits (a costly density) are evaluated in their own pass. Each source's
     results are saved as soon as they are complete.
+
+    The pass with the fewest decoder evaluations also scores every other source, the run's own
+    prior and the sources ``match_with`` (evaluated before, e.g. by a compare that was
+    interrupted) within their evaluation limits: their ``matched`` records (test NLL on the
+    same images with the same draws, paired difference from the own prior) are of one pass.
 
     Returns {source: what ``evaluate_run`` returns for it}.
     """
@@ -218,10 +224,26 @@ def evaluate_sources(run_dir: str | Path, prior_sources: list[str] | tuple[str, 
         # also scored on the same images with the same draws (paired differences)
         matched = min(plans, key=lambda key: key[0] * (key[1] or n_test))
         passengers = [p for key, group in plans.items() if key != matched for p in group]
-        own = trained_prior.evaluation_limits or {}  # the own prior joins within its limits
-        if TRAINED not in sources and own.get("iw_samples", matched[0]) >= matched[0] and \
-                own.get("test_images", n_test) >= (matched[1] or n_test):
+
+        def within(prior) -> bool:  # another prior joins the pass within its limits
+            own = prior.evaluation_limits or {}
+            return own.get("iw_samples", matched[0]) >= matched[0] and \
+                own.get("test_images", n_test) >= (matched[1] or n_test)
+
+        if TRAINED not in sources and within(trained_prior):
             passengers.append({"label": TRAINED, "prior": trained_prior})
+        for label in dict.fromkeys(match_with):
+            if label in sources or label == TRAINED:
+                continue
+            from .expost import load_prior_source
+
+            try:
+                prior = load_prior_source(run, model, label, splits)
+            except PriorVAEError as exc:  # gone or stale: it is not matched, nothing else
+                warn("evaluate", f"prior source {label!r} is not matched: {exc}")
+                continue
+            if within(prior):
+                passengers.append({"label": label, "prior": prior})
         out, rows = {}, []
         try:
             for key, group in plans.items():
@@ -258,11 +280,12 @@ def _save_matched(run: Run, out: dict, labels: list[str], nll: torch.Tensor, k: 
                           "test_nll": row.double().mean().item(), "reference": TRAINED,
                           "diff": diff, "diff_stderr": se, "shared_with": labels}
     metrics = run.metrics()
-    saved = metrics.get("prior_sources", {})
+    saved = metrics.get("prior_sources")
+    saved = saved if isinstance(saved, dict) else {}  # metrics.json is data
     for label, record in records.items():
-        if label == TRAINED:
+        if label == TRAINED or not isinstance(saved.setdefault(label, {}), dict):
             continue
-        saved.setdefault(label, {})["matched"] = record
+        saved[label]["matched"] = record
         if label in out:
             out[label]["matched"] = record
     out_trained = run.update_metrics(matched=records[TRAINED], prior_sources=saved) \
