@@ -294,7 +294,9 @@ class _Stopper:
     The validation loss of a fit is noisy (fresh code draws every epoch, a stochastic
     objective), so a run of ``patience`` epochs is counted against the *smoothed* curve (the
     running median of the last ``window`` validation losses, counted once the window is full:
-    one lucky epoch cannot set the bar), and no fit stops before ``min_epochs``.
+    one lucky epoch cannot set the bar), no fit stops before ``min_epochs``, and none while
+    single epochs still set new bests (the median lags a descent by half a window: a fit
+    that oscillated and is descending again must not stop at its new best).
     The state kept is the best single validation loss, starting from the prior as it was
     built (a fit that never beats it keeps it); ``improved`` says whether the smoothed curve
     ever went below the starting point, so a lucky epoch does not count as progress.
@@ -304,13 +306,15 @@ class _Stopper:
                  tol: float = 1e-4):
         self.start, self.best, self.patience, self.min_epochs = start, start, patience, min_epochs
         self.window, self.tol, self.recent = window, tol, []
-        self.best_smooth, self.bad = math.inf, 0
+        self.best_smooth, self.bad, self.since_best = math.inf, 0, 0
 
     def step(self, epoch: int, val: float) -> tuple[bool, bool]:
         """(this epoch is the best so far, stop now)."""
         better = val < self.best - self.tol
         if better:
-            self.best = val
+            self.best, self.since_best = val, 0
+        else:
+            self.since_best += 1
         self.recent = (self.recent + [val])[-self.window:]
         if len(self.recent) < self.window:
             return better, False
@@ -319,7 +323,8 @@ class _Stopper:
             self.best_smooth, self.bad = smooth, 0
         else:
             self.bad += 1
-        return better, epoch >= self.min_epochs and self.bad >= self.patience
+        return better, (epoch >= self.min_epochs and self.bad >= self.patience
+                        and self.since_best >= self.patience)
 
     @property
     def improved(self) -> bool:
