@@ -56,8 +56,14 @@ def score_cell(cell: Path, k: int, limit: int, cache: Path) -> dict:
     """Per-image -IWAE_k of each source of ``cell`` on the first ``limit`` test images, one
     decoder pass; cached in ``cache`` under the cell's best.pt digest, K and images."""
     run = Run.open(cell)
+    sources = sources_of(run.metrics())
+    weights = {s: run.prior_source_files(s)[1] for s in sources if s not in ("trained",
+                                                                             "aggregate")}
     key = {"best_sha256": file_sha256(run.checkpoint_path("best")), "iw_samples": k,
-           "limit": limit, "sources": sources_of(run.metrics())}
+           "limit": limit, "sources": sources,
+           # an ex-post prior fitted again under its label is another prior: scored again
+           "priors_sha256": {s: file_sha256(w) if w.is_file() else None
+                             for s, w in weights.items()}}
     if cache.is_file() and not cache.is_symlink():
         old = json.loads(cache.read_text())
         if {name: old.get(name) for name in key} == key:
@@ -109,6 +115,7 @@ def main() -> None:
                     and (not args.only or any(fnmatch.fnmatch(p.name, g) for g in args.only))),
                    key=lambda p: (int(CELL.fullmatch(p.name)["seed"]), p.name))
     scored: dict[tuple[str, int], dict[str, torch.Tensor]] = {}
+    images: set[int] = set()  # the test images scored (fewer than --limit on a small split)
     for cell in cells:
         m = CELL.fullmatch(cell.name)
         if Run.open(cell).metrics().get("test_nll") is None:
@@ -117,6 +124,7 @@ def main() -> None:
         res = score_cell(cell, args.iw_samples, args.limit, folder / f"{cell.name}.json")
         scored[(m["prior"], int(m["seed"]))] = {s: torch.tensor(r) for s, r in
                                                  res["rows"].items()}
+        images.add(res["test_images"])
         print(f"{cell.name}: {res['seconds']} s, "
               + ", ".join(f"{s} {torch.tensor(r).mean():.3f}" for s, r in res["rows"].items()),
               flush=True)
@@ -132,20 +140,21 @@ def main() -> None:
     # the reference first, then its own sources, then the other priors
     table = dict(sorted(table.items(), key=lambda kv: (
         kv[0] != args.reference, not kv[0].startswith(args.reference + "+"), kv[0])))
+    n_images = "/".join(map(str, sorted(images))) or args.limit
     with open(folder / "matched.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["row", "seed", "iw_samples", "test_images", "test_nll",
                     f"diff_vs_{args.reference}", "diff_stderr"])
         for name, seeds in table.items():
             for seed, (nll, diff, se) in sorted(seeds.items()):
-                w.writerow([name, seed, args.iw_samples, args.limit, f"{nll:.4f}",
+                w.writerow([name, seed, args.iw_samples, n_images, f"{nll:.4f}",
                             f"{diff:.4f}", f"{se:.4f}"])
-    lines = [f"Test NLL at K = {args.iw_samples} on the first {args.limit} test images, every "
+    lines = [f"Test NLL at K = {args.iw_samples} on the first {n_images} test images, every "
              f"row ({args.out.name}); Δ: mean per-image difference from the {args.reference} "
              "VAE of the same seed, mean over seeds; [paired se]: sqrt(sum of the seeds' "
              "squared standard errors over images) / seeds; ± the standard deviation over "
              "seeds.", "",
-             f"| row | seeds | test NLL (K = {args.iw_samples}, {args.limit} images) | "
+             f"| row | seeds | test NLL (K = {args.iw_samples}, {n_images} images) | "
              f"Δ vs {args.reference} [paired se] |", "|---|---|---|---|"]
     for name, seeds in table.items():
         nlls = [nll for nll, _, _ in seeds.values()]

@@ -305,6 +305,25 @@ def test_matched_grid_scores_every_row_at_one_k_on_the_same_images(tmp_path, mon
     script.main()
     assert "| mog | 0 | " in capsys.readouterr().out
     assert "– (no reference)" in (out / "matched" / "matched.md").read_text()
+    # an ex-post prior fitted again under its label is another prior: its cell is scored
+    # again (its cached values were reused, the old prior's numbers under the new one's name)
+    from priorvae.expost import fit_prior
+
+    cached = json.loads((out / "matched" / "standard_normal-seed0.json").read_text())
+    fit_prior(out / "standard_normal-seed0", "mog", {"n_components": 2}, label="expost-mog",
+              epochs=3, progress=False)
+    monkeypatch.setattr(sys, "argv", argv)
+    script.main()
+    again = json.loads((out / "matched" / "standard_normal-seed0.json").read_text())
+    assert again["rows"]["trained"] == cached["rows"]["trained"]  # the same VAE, seed, images
+    assert again["rows"]["expost-mog"] != cached["rows"]["expost-mog"]
+    # --limit beyond the test split: the csv and the table give the images scored
+    monkeypatch.setattr(sys, "argv", [*argv[:-1], "1000000"])
+    script.main()
+    n = str(len(splits.x_test))
+    assert {r["test_images"] for r in csv.DictReader(open(out / "matched" / "matched.csv"))} \
+        == {n}
+    assert f"on the first {n} test images" in (out / "matched" / "matched.md").read_text()
 
 
 def test_crafted_values_in_a_cells_metrics_are_left_out_of_the_tables(tmp_path, capsys):
