@@ -254,6 +254,30 @@ def test_metrics_json_is_always_json(run_dir):
     assert Run.open(run_dir).metrics()["best_val_elbo"] is None
 
 
+def test_non_finite_names_the_current_values_only(run_dir):
+    run = Run.open(run_dir)
+    with run.lock("evaluate"):
+        run.update_metrics(kl_stderr=math.nan, prior_sources={
+            "expost-mog": {"kl_stderr": math.nan, "a.b": [1.0, math.inf]}})
+        assert read_metrics(run_dir)["non_finite"] == {
+            "kl_stderr": "nan", "prior_sources.expost-mog.kl_stderr": "nan",
+            "prior_sources.expost-mog.a.b[1]": "inf"}
+        run.update_metrics(kl_stderr=0.5)  # a later evaluation's finite value
+        assert read_metrics(run_dir)["non_finite"] == {
+            "prior_sources.expost-mog.kl_stderr": "nan", "prior_sources.expost-mog.a.b[1]": "inf"}
+        # the sources written back whole (the old null carried along): still named
+        saved = read_metrics(run_dir)["prior_sources"]
+        saved["expost-flow"] = {"kl_stderr": 0.1}
+        run.update_metrics(prior_sources=saved)
+        assert set(read_metrics(run_dir)["non_finite"]) == {
+            "prior_sources.expost-mog.kl_stderr", "prior_sources.expost-mog.a.b[1]"}
+        saved["expost-mog"]["kl_stderr"] = 0.2
+        run.update_metrics(prior_sources=saved)
+        assert read_metrics(run_dir)["non_finite"] == {"prior_sources.expost-mog.a.b[1]": "inf"}
+        run.update_metrics(drop=("prior_sources",))
+        assert "non_finite" not in read_metrics(run_dir)
+
+
 def test_an_absurd_result_warns(tmp_path, capsys, monkeypatch):
     import priorvae.train as tr
 

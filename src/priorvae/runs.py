@@ -195,6 +195,34 @@ def _finite_or_none(value: Any, key: str, bad: dict) -> Any:
     return value
 
 
+def _null_at(metrics: dict, path: str) -> bool:
+    """Whether ``path``, as :func:`_finite_or_none` names a value ('a.b[1].c'), leads to a null
+    in ``metrics`` (a key holding '.' or '[' is matched whole, the longest first)."""
+    node: Any = metrics
+    rest = path
+    while rest or node is metrics:
+        if isinstance(node, list):
+            close = rest.find("]")
+            index = rest[1:close] if rest.startswith("[") and close > 1 else ""
+            if not index.isdigit() or int(index) >= len(node):
+                return False
+            node, rest = node[int(index)], rest[close + 1:]
+        elif isinstance(node, dict):
+            if node is not metrics:
+                if not rest.startswith("."):
+                    return False
+                rest = rest[1:]
+            keys = [k for k in node if isinstance(k, str) and (
+                rest == k or rest.startswith((f"{k}.", f"{k}[")))]
+            if not keys:
+                return False
+            key = max(keys, key=len)
+            node, rest = node[key], rest[len(key):]
+        else:
+            return False
+    return node is None
+
+
 def _constant_as_null(name: str) -> None:
     """NaN / Infinity, which older versions wrote into metrics.json (not JSON): read as null."""
     return None
@@ -554,8 +582,13 @@ class Run:
         metrics = {k: v for k, v in self.metrics().items() if k not in drop}
         bad: dict[str, str] = {}
         metrics.update(_finite_or_none(values, "", bad))
-        if bad:
-            metrics["non_finite"] = {**metrics.get("non_finite", {}), **bad}
+        # non_finite names the current values only: an entry whose value is null no more
+        # (a later finite value, or dropped) goes; the new non-finite values join
+        before = metrics.pop("non_finite", None)
+        kept = {k: v for k, v in before.items() if _null_at(metrics, k)} \
+            if isinstance(before, dict) else {}
+        if kept or bad:
+            metrics["non_finite"] = {**kept, **bad}
         atomic_write_bytes(self.file(METRICS_FILE),
                            (json.dumps(metrics, indent=2, allow_nan=False) + "\n").encode())
         return metrics
