@@ -26,6 +26,32 @@ def test_schema_covers_every_diagnostic_and_formats():
     assert metric("no_such_metric").label == "no_such_metric"
 
 
+def test_results_headline_headers_come_from_the_schema(tmp_path, monkeypatch):
+    """compare's results.md headline: each column's header and divisor are its schema entry's,
+    so a title changed in the schema changes the table (no second list of titles)."""
+    from dataclasses import replace
+
+    from priorvae import metrics_schema
+    from priorvae.compare import RESULT_COLUMNS, write_results
+    from priorvae.metrics_schema import HEADLINE_KEYS
+
+    assert set(HEADLINE_KEYS) <= set(METRICS) and metric("test_elbo").header == "ELBO"
+    monkeypatch.setitem(metrics_schema.METRICS, "hole_rate",
+                        replace(METRICS["hole_rate"], column="holes"))
+    row = {c: None for c in RESULT_COLUMNS} | {"prior": "flow", "latent_dim": 2, "run": "r",
+                                               "seed": 0, "test_nll": 80.0,
+                                               "train_seconds": 150.0}
+    write_results(tmp_path, [row])
+    lines = (tmp_path / "results.md").read_text().splitlines()
+    header = next(line for line in lines if line.startswith("| prior |"))
+    cells = [c.strip() for c in header.strip("| ").split(" | ")][5:]
+    assert cells == [metric(k).header for k in HEADLINE_KEYS if k != "test_bits_per_dim"]
+    assert "holes" in cells and "hole rate" not in cells
+    flow = [c.strip() for c in next(line for line in lines if line.startswith("| flow |"))
+            .strip("| ").split(" | ")]
+    assert flow[5 + cells.index("train min")] == "2.5"  # 150 s in minutes: the divisor
+
+
 def _texts(fig) -> str:
     return " ".join(t.get_text() for t in fig.findobj(plt.Text))
 

@@ -42,6 +42,7 @@ import torch
 from .config import Config, PriorConfig, load_config, pin_plugins, validate
 from .errors import ConfigError, PriorVAEError, RunBusyError, RunError
 from .measure import DIAGNOSTIC_KEYS, STDERR_KEYS
+from .metrics_schema import HEADLINE_KEYS, metric
 from .priors import PRIORS, pin_prior_spec
 from .runs import (
     AGGREGATE,
@@ -273,17 +274,6 @@ def _span(values: list) -> str:
     return str(low) if low == high else f"{low}–{high}"
 
 
-# the headline table: what a reader compares first (every column follows it)
-HEADLINE = [("test NLL", "test_nll", 1), ("bits/dim", "test_bits_per_dim", 1),
-            ("ELBO", "test_elbo", 1), ("hole rate", "hole_rate", 1),
-            ("KL(p‖q)", "kl_prior_to_agg", 1), ("latent precision", "latent_precision", 1),
-            ("latent recall", "latent_recall", 1), ("latent coverage", "latent_coverage", 1),
-            ("classifier AUC", "latent_c2st_auc", 1), ("fd_prior", "fd_prior", 1),
-            ("fd_aggregate", "fd_aggregate", 1),
-            ("Δ NLL vs own prior, matched [paired se]", "matched_diff", 1),
-            ("train min", "train_seconds", 60), ("fit min", "fit_seconds", 60)]
-
-
 def _quality_key(key: str) -> bool:
     """Whether a column depends on the quality classifier (fd_*, feature_*, class_entropy_*)."""
     return key.startswith(("fd_", "feature_", "class_entropy_"))
@@ -402,6 +392,8 @@ def write_results(out: Path, rows: list[dict[str, Any]], title: str = "") -> Non
     for row in rows:
         groups.setdefault((row["prior"], row["latent_dim"]), []).append(row)
     main = _main_classifier(rows)
+    headline = [(metric(k).header, k, metric(k).column_div) for k in HEADLINE_KEYS
+                if bits or k != "test_bits_per_dim"]  # headers from the schema
     common = {keys: _most_common(rows, keys) for keys in (_EVAL, _MATCHED)}
     at = {keys: "" if common[keys] is None else f" (K = {common[keys][0]} on "
           f"{common[keys][1]} test images unless noted below)" for keys in common}
@@ -419,8 +411,7 @@ def write_results(out: Path, rows: list[dict[str, Any]], title: str = "") -> Non
              "prior; [x]: the Monte-Carlo (paired) standard error of the mean over the "
              "seeds, beside their spread (of the k-NN precision, recall, density and "
              "coverage a lower bound: the noise of their own points only).", "",
-             *_table(groups, [c for c in HEADLINE if bits or c[1] != "test_bits_per_dim"],
-                     main), "", "Every column:", "",
+             *_table(groups, headline, main), "", "Every column:", "",
              *_table(groups, [(c, c, 1) for c in cols], main)]
     notes = [f"- {r['prior']} (seed {r['seed']}): " + "; ".join(_row_notes(r, common))
              for r in rows if _row_notes(r, common)]
@@ -454,7 +445,7 @@ def comparison_figure(out: Path, rows: list[dict]) -> Path:
     from .expost import load_prior_source
     from .figures import grid_image
     from .measure import decode_samples
-    from .metrics_schema import FIGURE_KEYS, metric
+    from .metrics_schema import FIGURE_KEYS
 
     main = _main_classifier(rows)  # FD bars of one classifier only, as in results.md
     firsts: dict[str, dict] = {}
