@@ -206,8 +206,12 @@ def test_own_plugins_by_path_and_by_module_train_evaluate_and_sample(made, user_
         assert body.kwargs == KIND_ARGS[kind]
     # the owner, in a new process: the trust record (not this process's memory) opens it
     as_new_user(monkeypatch, made["owner_config"])
-    code, err = cli(capsys, "evaluate", run, *QUICK)
+    capsys.readouterr()
+    code = main(["evaluate", str(run), *QUICK])
+    out, err = capsys.readouterr()
     assert code == 0, err
+    # its summary counts test vectors as sample does: test examples, not test images
+    assert "20 test examples, K = 4" in out and "test image" not in out, out
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["test_nll"] == metrics["test_nll"] and metrics["test_nll"] > 0  # finite
     assert all(m.exists() for m in user_code.values())  # every plug-in's code ran

@@ -15,8 +15,8 @@ from pathlib import Path
 from .errors import DEBUG_ENV, PriorVAEError
 from .stop import Terminated
 
-__all__ = ["main", "default_run_dir", "evaluation_summary", "auto_scale", "sample_canvas",
-           "vector_rows", "Terminated"]
+__all__ = ["main", "default_run_dir", "evaluation_summary", "item_name", "auto_scale",
+           "sample_canvas", "vector_rows", "Terminated"]
 
 
 def _int_at_least(low: int):
@@ -76,6 +76,12 @@ def _cmd_train(args) -> int:
     return 0
 
 
+def item_name(shape) -> str:
+    """What one test example is called in messages: 'test image' for a (C, H, W) example,
+    'test example' for a vector (D,)."""
+    return "test image" if len(shape) == 3 else "test example"
+
+
 def _cmd_evaluate(args) -> int:
     from .evaluate import evaluate_sources
     from .measure import DIAGNOSTIC_KEYS, STDERR_KEYS
@@ -89,12 +95,17 @@ def _cmd_evaluate(args) -> int:
     keys = ("test_elbo", "test_nll", "iw_samples", "test_images", "eval_seconds",
             *DIAGNOSTIC_KEYS, *(f"{k}_stderr" for k in STDERR_KEYS), "log_normalizer_stderr",
             "truncation_share", "truncation", "fit_improved", "matched")
+    if not args.json:  # the summary names what was scored: images, or vectors
+        from .data import input_shape
+        from .runs import Run
+
+        item = item_name(input_shape(Run.open(args.run_dir, args.trust_remote_code).config.data))
     for source, metrics in results.items():
         if args.json:  # one JSON line per source, every number in full
             line = {k: metrics[k] for k in keys if k in metrics}
             print(json.dumps(line if len(results) == 1 else {"prior_source": source, **line}))
         else:
-            print(evaluation_summary(args.run_dir, source, metrics))
+            print(evaluation_summary(args.run_dir, source, metrics, item))
     if not args.json:
         print(f"every number: {Path(args.run_dir) / 'metrics.json'} (or --json); pictures: "
               f"{Path(args.run_dir) / 'figures'}")
@@ -107,14 +118,15 @@ def _number(value) -> bool:
         math.isfinite(value)
 
 
-def evaluation_summary(run_dir, source: str, metrics: dict) -> str:
+def evaluation_summary(run_dir, source: str, metrics: dict, item: str = "test image") -> str:
     """A few lines a person reads: the key metrics of one prior source with their Monte-Carlo
     error where there is one, their better direction and the value they take when p = q (from
     :mod:`priorvae.metrics_schema`); then the LARS truncation share, the matched difference
-    from the run's own prior and a fit that did not improve, when the source has them."""
+    from the run's own prior and a fit that did not improve, when the source has them.
+    ``item``: what one test example is (:func:`item_name`: 'test image' or 'test example')."""
     from .metrics_schema import SUMMARY_KEYS, metric
 
-    head = (f"{run_dir} with prior {source!r}: {metrics.get('test_images')} test images, "
+    head = (f"{run_dir} with prior {source!r}: {metrics.get('test_images')} {item}s, "
             f"K = {metrics.get('iw_samples')}")
     if _number(metrics.get("eval_seconds")):
         head += f", {metrics['eval_seconds']:.0f} s"
@@ -133,7 +145,7 @@ def evaluation_summary(run_dir, source: str, metrics: dict) -> str:
             and _number(matched.get("diff_stderr")):
         lines.append(f"  {'Δ NLL vs own prior':<26} {matched['diff']:>+12.3f} ± "
                      f"{matched['diff_stderr']:.2g} nats, matched: K = "
-                     f"{matched.get('iw_samples')}, {matched.get('test_images')} test images, "
+                     f"{matched.get('iw_samples')}, {matched.get('test_images')} {item}s, "
                      f"the same draws")
     if metrics.get("fit_improved") is False:
         lines.append("  its ex-post fit did not improve on its starting point: kept as it "
@@ -175,7 +187,7 @@ def _cmd_sample(args) -> int:
             check_same_data(best.get("data_sha256"), splits.digest(), run.checkpoint_path("best"))
             splits = prepare_splits(splits, model.likelihood)
             if args.source == "posterior":
-                item = "test image" if splits.x_test.dim() == 4 else "test example"
+                item = item_name(splits.x_test.shape[1:])
                 if not 0 <= args.index < len(splits.x_test):
                     raise PriorVAEError(f"--index must be in [0, {len(splits.x_test)}) (the "
                                         f"{item}s), got {args.index}")
@@ -372,7 +384,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--iw-samples", type=positive_int,
                    help="importance samples K (default: [eval])")
     e.add_argument("--device", help="cpu, cuda, ... (default: the run's [train] device)")
-    e.add_argument("--limit", type=positive_int, help="only the first N test images")
+    e.add_argument("--limit", type=positive_int,
+                   help="only the first N test examples (images or vectors)")
     e.add_argument("--prior-source", action="append", metavar="trained|aggregate|LABEL",
                    help="the prior to evaluate the VAE with: its own (trained, the default), "
                         "the aggregated posterior, or an ex-post prior fitted with fit-prior; "
