@@ -507,6 +507,37 @@ def test_results_are_tied_to_their_checkpoint(run_dir, capsys):
     assert "hole_rate" not in printed and "hole_rate" not in read_metrics(run_dir)
 
 
+def test_results_of_another_best_pt_are_never_shown_as_its(run_dir, capsys):
+    from priorvae.compare import _cell_metrics
+    from priorvae.runs import save_checkpoint
+
+    assert cli(*COMMANDS["fit-prior"](run_dir, None))[0] == 0
+    assert cli("evaluate", run_dir, "--prior-source", "trained", "--prior-source", "expost-mog",
+               "--quiet", "--no-diagnostics")[0] == 0
+    capsys.readouterr()
+    before = read_metrics(run_dir)
+    old = before["evaluated_checkpoint"]
+    assert before["prior_sources"]["expost-mog"]["evaluated_checkpoint"] == old
+    # best.pt changed other than by this version's training (a folder copied over it)
+    best = load_checkpoint(run_dir / "best.pt")
+    name = next(iter(best["model"]))
+    best["model"][name] = best["model"][name] + 1e-3
+    save_checkpoint(run_dir / "best.pt", best)
+    # what a report reads holds none of the earlier best.pt's results ...
+    shown = _cell_metrics(run_dir)
+    assert not {"test_nll", "evaluated_checkpoint", "matched", "prior_sources"} & set(shown)
+    assert shown["best_epoch"] == before["best_epoch"]  # training's own numbers stay
+    # ... and evaluating the new one leaves none of them in metrics.json
+    assert cli("evaluate", run_dir, "--quiet", "--no-diagnostics")[0] == 0
+    after = read_metrics(run_dir)
+    assert after["evaluated_checkpoint"] not in (None, old) and "prior_sources" not in after
+    # results that name no checkpoint (written before priorvae recorded it) are read as before
+    legacy = {k: v for k, v in after.items() if k != "evaluated_checkpoint"}
+    legacy["prior_sources"] = {"expost-mog": {"test_nll": 1.0}}
+    (run_dir / "metrics.json").write_text(json.dumps(legacy))
+    assert _cell_metrics(run_dir) == legacy
+
+
 def test_a_full_disk_in_tensorboard_is_one_line(tmp_path, capfd, monkeypatch):
     from tensorboard.summary.writer import record_writer
 

@@ -548,8 +548,10 @@ def _cell(out: Path, name: str) -> Path:
 
 
 def _cell_metrics(run_dir: Path) -> dict:
-    """A cell's metrics.json ({} before its training wrote config.toml)."""
-    return Run.open(run_dir).metrics() if os.path.lexists(run_dir / "config.toml") else {}
+    """A cell's metrics.json ({} before its training wrote config.toml), without results of
+    another best.pt than the cell's (:meth:`Run.current_metrics`): those are done again."""
+    return Run.open(run_dir).current_metrics() if os.path.lexists(run_dir / "config.toml") \
+        else {}
 
 
 def _source_metrics(metrics: dict, label: str) -> dict:

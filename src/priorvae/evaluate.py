@@ -185,6 +185,8 @@ def evaluate_sources(run_dir: str | Path, prior_sources: list[str] | tuple[str, 
         best = run.load_checkpoint("best", dev)
         # every result names the checkpoint it came from (sha256 of best.pt's bytes)
         best["_sha256"] = file_sha256(run.checkpoint_path("best"))
+        # no result of another best.pt stays beside this one's (the run's own, or a source's)
+        run.drop_other_checkpoints()
         model = run.load_model("best", dev, best)
         splits = load_splits(cfg.data, device=dev)
         check_same_data(best.get("data_sha256"), splits.digest(), run.checkpoint_path("best"))

@@ -45,6 +45,7 @@ import shutil
 import stat
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,8 @@ except ImportError:  # pragma: no cover - not POSIX: no locking
 
 __all__ = [
     "CONFIG_FILE", "METRICS_FILE", "LAST_CKPT", "BEST_CKPT", "LOCK_FILE", "LOCK_INFO",
-    "PRIORS_DIR", "EVALUATION_KEYS", "open_regular", "read_regular", "check_inside",
+    "PRIORS_DIR", "EVALUATION_KEYS", "current_results", "open_regular", "read_regular",
+    "check_inside",
     "TRAINED", "AGGREGATE", "EXPOST_PREFIX", "FINISHED", "TRUST_ENV",
     "Run", "atomic_write_bytes", "save_checkpoint", "load_checkpoint", "resolve_device",
     "load_run", "load_weights", "run_config_dict", "config_diff", "file_sha256",
@@ -193,6 +195,32 @@ def _finite_or_none(value: Any, key: str, bad: dict) -> Any:
     if isinstance(value, (list, tuple)):
         return [_finite_or_none(v, f"{key}[{i}]", bad) for i, v in enumerate(value)]
     return value
+
+
+def current_results(metrics: dict, digest: Callable[[], str | None]) -> dict:
+    """``metrics`` without the results of another best.pt than the one whose sha256
+    ``digest()`` gives (None: there is none), which is computed only when a result records
+    its checkpoint: the run's own evaluation (:data:`EVALUATION_KEYS`) when its
+    ``evaluated_checkpoint`` differs, and each ``prior_sources`` entry whose own differs.
+    Results written before priorvae recorded the checkpoint name none and are kept as they
+    are. Training drops them all (a new best.pt); this keeps them from outliving a best.pt
+    changed any other way (a folder copied over, a version that did not drop them)."""
+    sources = metrics.get("prior_sources")
+    records = [metrics, *(sources.values() if isinstance(sources, dict) else ())]
+    if not any(isinstance(r, dict) and "evaluated_checkpoint" in r for r in records):
+        return metrics
+    today = digest()
+
+    def stale(record) -> bool:
+        return isinstance(record, dict) and "evaluated_checkpoint" in record and \
+            record["evaluated_checkpoint"] != today
+
+    out = {k: v for k, v in metrics.items() if not (stale(metrics) and k in EVALUATION_KEYS)}
+    if isinstance(sources, dict) and any(stale(r) for r in sources.values()):
+        out["prior_sources"] = {k: v for k, v in sources.items() if not stale(v)}
+        if not out["prior_sources"]:
+            del out["prior_sources"]
+    return out
 
 
 def _null_at(metrics: dict, path: str) -> bool:
@@ -592,6 +620,29 @@ class Run:
         atomic_write_bytes(self.file(METRICS_FILE),
                            (json.dumps(metrics, indent=2, allow_nan=False) + "\n").encode())
         return metrics
+
+    def best_digest(self) -> str | None:
+        """sha256 of best.pt's bytes (what ``evaluated_checkpoint`` records; None: no best.pt)."""
+        path = self.checkpoint_path("best")
+        return file_sha256(path) if path.is_file() else None
+
+    def current_metrics(self) -> dict[str, Any]:
+        """metrics.json without the results of another best.pt than today's
+        (:func:`current_results`): what a reader may show as this run's."""
+        return current_results(self.metrics(), self.best_digest)
+
+    def drop_other_checkpoints(self) -> dict[str, Any]:
+        """Under the lock: remove from metrics.json the results of another best.pt than
+        today's (:func:`current_results`), and return what stays."""
+        metrics = self.metrics()
+        current = current_results(metrics, self.best_digest)
+        if current == metrics:
+            return metrics
+        sources = {"prior_sources": current["prior_sources"]} \
+            if "prior_sources" in current and current["prior_sources"] != metrics.get(
+                "prior_sources") else {}
+        return self.update_metrics(drop=tuple(k for k in metrics if k not in current),
+                                   **sources)
 
     @property
     def status(self) -> str | None:
