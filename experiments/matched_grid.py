@@ -17,7 +17,10 @@ source it was evaluated with) at one K on the first ``--limit`` test images:
 
 It reads the cells (shared lock) and writes only ``OUT/matched/``: one JSON per cell with its
 per-image values (reused when the cell's best.pt, K and images are unchanged, so an
-interrupted run goes on where it stopped), ``matched.csv`` and ``matched.md``.
+interrupted run goes on where it stopped), ``matched.csv`` and ``matched.md``. With ``--save``
+it also records each cell's ``matched`` entries in its metrics.json (exclusive lock), as
+``evaluate`` does for the sources it evaluates together, so that ``compare``'s tables show
+the "Δ NLL vs own prior, matched" column for cells evaluated before it existed.
 
     PRIORVAE_DATA=../shared/data OMP_NUM_THREADS=1 python experiments/matched_grid.py \\
         experiments/results/mnist_remedies_e100 --iw-samples 50 --limit 500
@@ -39,6 +42,7 @@ from pathlib import Path
 import torch
 
 from priorvae.data import load_splits
+from priorvae.evaluate import save_matched
 from priorvae.expost import load_prior_source
 from priorvae.likelihoods import prepare_splits
 from priorvae.measure import mean_iwae_nlls
@@ -103,6 +107,8 @@ def main() -> None:
     ap.add_argument("--only", nargs="+", metavar="GLOB",
                     help="score only these cells (e.g. two processes on two cores); the table "
                          "then holds the cells scored so far")
+    ap.add_argument("--save", action="store_true",
+                    help="also record each cell's matched entries in its metrics.json")
     args = ap.parse_args()
     if args.iw_samples < 1 or args.limit < 2:
         raise SystemExit("--iw-samples must be >= 1 and --limit >= 2")
@@ -124,6 +130,12 @@ def main() -> None:
         res = score_cell(cell, args.iw_samples, args.limit, folder / f"{cell.name}.json")
         scored[(m["prior"], int(m["seed"]))] = {s: torch.tensor(r) for s, r in
                                                  res["rows"].items()}
+        if args.save and len(res["rows"]) > 1:  # the own prior and at least one source
+            run = Run.open(cell)
+            with run.lock("matched-grid"):
+                labels = list(res["rows"])
+                save_matched(run, {}, labels, torch.tensor([res["rows"][s] for s in labels]),
+                             args.iw_samples)
         images.add(res["test_images"])
         print(f"{cell.name}: {res['seconds']} s, "
               + ", ".join(f"{s} {torch.tensor(r).mean():.3f}" for s, r in res["rows"].items()),

@@ -324,6 +324,22 @@ def test_matched_grid_scores_every_row_at_one_k_on_the_same_images(tmp_path, mon
     assert {r["test_images"] for r in csv.DictReader(open(out / "matched" / "matched.csv"))} \
         == {n}
     assert f"on the first {n} test images" in (out / "matched" / "matched.md").read_text()
+    # --save records each cell's matched entries, so compare's tables show the column
+    monkeypatch.setattr(sys, "argv", [*argv, "--save"])
+    script.main()
+    cached = json.loads((out / "matched" / "standard_normal-seed0.json").read_text())["rows"]
+    d = (torch.tensor(cached["expost-mog"], dtype=torch.float64)
+         - torch.tensor(cached["trained"], dtype=torch.float64))
+    metrics = Run.open(out / "standard_normal-seed0").metrics()
+    assert (metrics["matched"]["iw_samples"], metrics["matched"]["test_images"]) == (4, 12)
+    record = metrics["prior_sources"]["expost-mog"]["matched"]
+    assert record["diff"] == pytest.approx(d.mean().item(), abs=1e-6)
+    assert record["diff_stderr"] == pytest.approx(d.std().item() / 12 ** 0.5, abs=1e-6)
+    assert "matched" not in Run.open(out / "mog-seed0").metrics()  # one source: nothing to pair
+    assert main(["compare", str(config), "--out", str(out), "--report-only", "--quiet"]) == 0
+    row = next(r for r in csv.DictReader(open(out / "results.csv"))
+               if r["prior"] == "standard_normal+expost-mog")
+    assert float(row["matched_diff"]) == pytest.approx(d.mean().item(), abs=1e-4)
 
 
 def test_crafted_values_in_a_cells_metrics_are_left_out_of_the_tables(tmp_path, capsys):

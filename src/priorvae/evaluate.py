@@ -35,7 +35,7 @@ from .runs import EVALUATION_KEYS, FINISHED, TRAINED, Run, file_sha256, resolve_
 from .sanity import absurd, non_finite, warn
 
 __all__ = ["write_figures", "evaluate_run", "evaluate_sources", "hparam_keys", "projector_points",
-           "MAX_IWAE_DECODES", "paired_difference"]
+           "MAX_IWAE_DECODES", "paired_difference", "save_matched"]
 
 # the most decoder evaluations (test images x K) an evaluation may cost unless the caller
 # allows more: 5 times the full MNIST evaluation (10,000 images x K = 5,000)
@@ -259,7 +259,7 @@ def evaluate_sources(run_dir: str | Path, prior_sources: list[str] | tuple[str, 
             model.prior = trained_prior
         labels = [p["label"] for p in plans[matched]] + [p["label"] for p in passengers]
         if len(labels) > 1 and TRAINED in labels:
-            _save_matched(run, out, labels, rows[0], matched[0])
+            save_matched(run, out, labels, rows[0], matched[0])
         return out
 
 
@@ -270,7 +270,7 @@ def paired_difference(a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     return d.mean().item(), se
 
 
-def _save_matched(run: Run, out: dict, labels: list[str], nll: torch.Tensor, k: int) -> None:
+def save_matched(run: Run, out: dict, labels: list[str], nll: torch.Tensor, k: int) -> None:
     """Each source's ``matched`` record: its test NLL at the common (K, images) with the same
     draws as every other source of the pass, and its paired difference from the run's own
     prior (``trained``) with the standard error over images. ``nll``: (sources, images)."""
