@@ -13,7 +13,9 @@ source it was evaluated with) at one K on the first ``--limit`` test images:
   and its standard error over images (a different VAE draws its own codes; the pairing is
   by image);
 - over seeds: the mean, the standard deviation over seeds, and the paired standard error of
-  the mean difference, sqrt(sum se_s^2) / n_seeds.
+  the mean difference over images of the per-image differences averaged over seeds (the
+  seeds share the test images, so their per-image differences are correlated and
+  sqrt(sum se_s^2) / n_seeds would understate it).
 
 It reads the cells (shared lock) and writes only ``OUT/matched/``: one JSON per cell with its
 per-image values (reused when the cell's best.pt, K and images are unchanged, so an
@@ -94,6 +96,13 @@ def score_cell(cell: Path, k: int, limit: int, cache: Path) -> dict:
     return out
 
 
+def seed_mean_stderr(diffs: list[torch.Tensor]) -> float:
+    """Standard error over images of the per-image differences averaged over seeds: the
+    seeds score the same images, so their differences are not independent."""
+    mean = torch.stack(diffs).mean(0)
+    return mean.std().item() / len(mean) ** 0.5
+
+
 def label(prior: str, source: str) -> str:
     return prior if source == "trained" else f"{prior}+{source}"
 
@@ -142,10 +151,13 @@ def main() -> None:
               flush=True)
     # every (row label) -> per seed (nll, diff vs the same seed's reference, se)
     table: dict[str, dict[int, tuple[float, float, float]]] = {}
+    per_image: dict[str, list[torch.Tensor]] = {}  # each seed's per-image differences
     for (prior, seed), rows in scored.items():
         ref = scored.get((args.reference, seed), {}).get("trained")
         for source, row in rows.items():
             d = (row - ref) if ref is not None else None
+            if d is not None:
+                per_image.setdefault(label(prior, source), []).append(d)
             table.setdefault(label(prior, source), {})[seed] = (
                 row.mean().item(), d.mean().item() if d is not None else math.nan,
                 d.std().item() / len(d) ** 0.5 if d is not None else math.nan)
@@ -163,19 +175,19 @@ def main() -> None:
                             f"{diff:.4f}", f"{se:.4f}"])
     lines = [f"Test NLL at K = {args.iw_samples} on the first {n_images} test images, every "
              f"row ({args.out.name}); Δ: mean per-image difference from the {args.reference} "
-             "VAE of the same seed, mean over seeds; [paired se]: sqrt(sum of the seeds' "
-             "squared standard errors over images) / seeds; ± the standard deviation over "
-             "seeds.", "",
+             "VAE of the same seed, mean over seeds; [paired se]: the standard error over images "
+             "of the per-image differences averaged over seeds (the seeds share the images); "
+             "± the standard deviation over seeds.", "",
              f"| row | seeds | test NLL (K = {args.iw_samples}, {n_images} images) | "
              f"Δ vs {args.reference} [paired se] |", "|---|---|---|---|"]
     for name, seeds in table.items():
         nlls = [nll for nll, _, _ in seeds.values()]
         paired = [(d, se) for _, d, se in seeds.values() if math.isfinite(d)]  # has a reference
         spread = lambda xs: f" ± {statistics.stdev(xs):.2f}" if len(xs) > 1 else ""  # noqa: E731
-        diffs, ses = [d for d, _ in paired], [se for _, se in paired]
+        diffs = [d for d, _ in paired]
         diff = ("0 (reference)" if name == args.reference else "– (no reference)" if not paired
                 else f"{statistics.mean(diffs):+.2f}{spread(diffs)} "
-                     f"[{math.sqrt(sum(s * s for s in ses)) / len(ses):.2f}]"
+                     f"[{seed_mean_stderr(per_image[name]):.2f}]"
                      + ("" if len(paired) == len(seeds) else f" ({len(paired)} seeds)"))
         lines.append(f"| {name} | {', '.join(str(s) for s in sorted(seeds))} | "
                      f"{statistics.mean(nlls):.2f}{spread(nlls)} | {diff} |")

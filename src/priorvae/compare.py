@@ -410,7 +410,10 @@ def write_results(out: Path, rows: list[dict[str, Any]], title: str = "") -> Non
              f"{at[_MATCHED]}, minus the VAE's own "
              "prior; [x]: the Monte-Carlo (paired) standard error of the mean over the "
              "seeds, beside their spread (of the k-NN precision, recall, density and "
-             "coverage a lower bound: the noise of their own points only).", "",
+             "coverage a lower bound: the noise of their own points only; of the matched "
+             "difference it treats the seeds as independent, but they score the same test "
+             "images, so it can understate: experiments/matched_grid.py gives the paired "
+             "error over images of the seeds' mean).", "",
              *_table(groups, headline, main), "", "Every column:", "",
              *_table(groups, [(c, c, 1) for c in cols], main)]
     notes = [f"- {r['prior']} (seed {r['seed']}): " + "; ".join(_row_notes(r, common))
