@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 from priorvae.data import load_splits
-from priorvae.evaluate import save_matched
+from priorvae.evaluate import paired_difference, save_matched
 from priorvae.expost import load_prior_source
 from priorvae.likelihoods import prepare_splits
 from priorvae.measure import mean_iwae_nlls
@@ -58,10 +58,9 @@ def sources_of(metrics: dict) -> list[str]:
     return ["trained", *sorted((metrics.get("prior_sources") or {}).keys())]
 
 
-def score_cell(cell: Path, k: int, limit: int, cache: Path) -> dict:
+def score_cell(run: Run, k: int, limit: int, cache: Path) -> dict:
     """Per-image -IWAE_k of each source of ``cell`` on the first ``limit`` test images, one
     decoder pass; cached in ``cache`` under the cell's best.pt digest, K and images."""
-    run = Run.open(cell)
     sources = sources_of(run.metrics())
     weights = {s: run.prior_source_files(s)[1] for s in sources if s not in ("trained",
                                                                              "aggregate")}
@@ -86,7 +85,7 @@ def score_cell(cell: Path, k: int, limit: int, cache: Path) -> dict:
         mean_iwae_nlls(model, x, k, priors, run.config.eval.batch_size, rows=rows)
     nll = torch.cat(rows, dim=1).double()
     if not torch.isfinite(nll).all():
-        raise SystemExit(f"{cell}: a non-finite per-image NLL; nothing written for it")
+        raise SystemExit(f"{run.path}: a non-finite per-image NLL; nothing written for it")
     out = {**key, "test_images": len(x), "seconds": round(time.perf_counter() - t0, 1),
            "rows": {source: row.tolist() for source, row in zip(key["sources"], nll,
                                                                  strict=True)}}
@@ -133,14 +132,14 @@ def main() -> None:
     images: set[int] = set()  # the test images scored (fewer than --limit on a small split)
     for cell in cells:
         m = CELL.fullmatch(cell.name)
-        if Run.open(cell).metrics().get("test_nll") is None:
+        run = Run.open(cell)
+        if run.metrics().get("test_nll") is None:
             print(f"{cell.name}: not evaluated, skipped", flush=True)
             continue
-        res = score_cell(cell, args.iw_samples, args.limit, folder / f"{cell.name}.json")
+        res = score_cell(run, args.iw_samples, args.limit, folder / f"{cell.name}.json")
         scored[(m["prior"], int(m["seed"]))] = {s: torch.tensor(r) for s, r in
                                                  res["rows"].items()}
         if args.save and len(res["rows"]) > 1:  # the own prior and at least one source
-            run = Run.open(cell)
             with run.lock("matched-grid"):
                 labels = list(res["rows"])
                 save_matched(run, {}, labels, torch.tensor([res["rows"][s] for s in labels]),
@@ -159,8 +158,8 @@ def main() -> None:
             if d is not None:
                 per_image.setdefault(label(prior, source), []).append(d)
             table.setdefault(label(prior, source), {})[seed] = (
-                row.mean().item(), d.mean().item() if d is not None else math.nan,
-                d.std().item() / len(d) ** 0.5 if d is not None else math.nan)
+                row.mean().item(), *(paired_difference(row, ref) if ref is not None
+                                     else (math.nan, math.nan)))
     # the reference first, then its own sources, then the other priors
     table = dict(sorted(table.items(), key=lambda kv: (
         kv[0] != args.reference, not kv[0].startswith(args.reference + "+"), kv[0])))
