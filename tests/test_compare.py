@@ -480,3 +480,22 @@ def test_rows_at_another_k_or_other_images_say_so(tmp_path):
     assert "- flow (seed 2): test NLL at K = 100 on 500 test images; Δ NLL, matched, at " \
            "K = 5000 on 10000 test images" in text
     assert "(seed 0)" not in text and "(seed 1)" not in text
+
+
+def test_figure_marks_bars_estimated_at_another_k_or_other_images():
+    # comparison.png's test-NLL bars used each row's own K: a K = 50 ex-post row stood beside
+    # K = 5000 rows with nothing to tell them apart
+    from priorvae.compare import unmatched_evaluations
+
+    def row(prior, seed, k, n):
+        return {"prior": prior, "latent_dim": 40, "seed": seed, "iw_samples": k,
+                "test_images": n}
+
+    rows = [row("standard_normal", 0, 5000, 10000), row("standard_normal", 1, 5000, 10000),
+            row("vampprior", 0, 5000, 10000), row("standard_normal+expost-diffusion", 0, 50, 500),
+            row("flow", 0, 5000, 500), row("mog", 0, None, None)]
+    labels = sorted({f"{r['prior']} d40" for r in rows})
+    assert unmatched_evaluations(rows, labels) == {
+        "standard_normal+expost-diffusion d40": (50, 500), "flow d40": (5000, 500)}
+    assert unmatched_evaluations(rows[:3], labels) == {}  # all at one (K, images): none marked
+    assert unmatched_evaluations(rows, ["flow d40"]) == {"flow d40": (5000, 500)}

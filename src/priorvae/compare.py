@@ -57,7 +57,7 @@ from .sanity import warn
 from .stop import check_stop
 
 __all__ = ["grid", "execution_order", "check_grid", "run_compare", "write_results",
-           "RESULT_COLUMNS"]
+           "unmatched_evaluations", "RESULT_COLUMNS"]
 
 # the matched comparison (evaluate's ``matched`` record): NLL at the common (K, images) of the
 # sources of one VAE, and the paired difference from its own prior with its standard error
@@ -433,12 +433,31 @@ def write_results(out: Path, rows: list[dict[str, Any]], title: str = "") -> Non
     atomic_write_bytes(out / "results.md", ("\n".join(lines) + "\n").encode())
 
 
+_EVAL_KEYS = ("test_nll", "test_elbo", "test_bits_per_dim")  # estimated at (K, test images)
+
+
+def unmatched_evaluations(rows: list[dict], labels: list[str]) -> dict[str, tuple]:
+    """The figure's rows (``labels``: "prior d<latent_dim>") whose test NLL was estimated at
+    another (K, test images) than the most common one, each with its own pair (the first of
+    its seeds that differs): their bars must not be read against the others."""
+    common = _most_common(rows, _EVAL)
+    found: dict[str, tuple] = {}
+    for r in rows:
+        label, pair = f"{r['prior']} d{r['latent_dim']}", tuple(r.get(k) for k in _EVAL)
+        if label in labels and common is not None and None not in pair and "" not in pair \
+                and pair != common:
+            found.setdefault(label, pair)
+    return found
+
+
 def comparison_figure(out: Path, rows: list[dict]) -> Path:
     """Prior-sample grids per table row (its first seed; ex-post rows sample their fitted
     prior) above bars of the key metrics in two rows (mean over seeds, error bars: the
     standard deviation where a row has 2 or more seeds). Each panel's title says which way is
     better and a dashed line marks the value when p = q (from :mod:`priorvae.metrics_schema`);
-    a row's colour is the same in its sample grid's title and in every panel."""
+    a row's colour is the same in its sample grid's title and in every panel. A test-NLL bar
+    estimated at another (K, test images) than most rows is hatched and labelled with its own
+    (:func:`unmatched_evaluations`): its height is not comparable with the others'."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -464,9 +483,10 @@ def comparison_figure(out: Path, rows: list[dict]) -> Path:
     keys = [("test_bits_per_dim" if k == "test_nll" and _has_bits(rows) else k)
             for k in FIGURE_KEYS]  # 8-bit images: their NLL in bits/dim, the usual unit
     bar_lines = math.ceil(len(keys) / bar_cols)
+    unmatched = unmatched_evaluations(rows, labels)
     fig = plt.figure(figsize=(12, 3.3 * lines + 3.0 * bar_lines + 0.4))
     grid_spec = fig.add_gridspec(2, 1, height_ratios=[3.3 * lines, 3.0 * bar_lines])
-    top = grid_spec[0].subgridspec(lines, per_line)
+    top = grid_spec[0].subgridspec(lines, per_line, hspace=0.3)  # room for 2-line titles
     for i, label in enumerate(labels):
         row = firsts[label]
         run = Run.open(_cell(out, row["run"]))
@@ -492,8 +512,21 @@ def comparison_figure(out: Path, rows: list[dict]) -> Path:
                 [r for r in rows if f"{r['prior']} d{r['latent_dim']}" == label], key, main))
             means.append(mean * scale)
             errs.append(std * scale if count >= 2 else float("nan"))  # none from one seed
-        ax.bar(range(len(labels)), means, yerr=errs, color=colors, capsize=4,
-               error_kw={"elinewidth": 1.5})
+        bars = ax.bar(range(len(labels)), means, yerr=errs, color=colors, capsize=4,
+                      error_kw={"elinewidth": 1.5})
+        if key in _EVAL_KEYS:  # a bar at another K / test images is not comparable: say so
+            for bar, label in zip(bars, labels, strict=True):
+                if label in unmatched:
+                    bar.set_hatch("//")
+                    bar.set_alpha(0.45)
+                    iw, images = unmatched[label]
+                    ax.annotate(f"K={iw}, {images} im.",
+                                (bar.get_x() + bar.get_width() / 2, 0),
+                                xycoords=("data", "axes fraction"), xytext=(0, 3),
+                                textcoords="offset points", ha="center", va="bottom",
+                                rotation=90, fontsize=7, zorder=5,
+                                bbox={"facecolor": "white", "edgecolor": "none",
+                                      "alpha": 0.9, "pad": 0.5})
         finite = [v for v in means if math.isfinite(v)]
         if key in ("test_nll", "test_elbo", "test_bits_per_dim") and finite:
             low, high = min(finite), max(finite)  # far from 0: show the differences
@@ -521,9 +554,14 @@ def comparison_figure(out: Path, rows: list[dict]) -> Path:
                frameon=False)
     seeds = sorted({len([r for r in rows if f"{r['prior']} d{r['latent_dim']}" == lb])
                     for lb in labels})
+    common = _most_common(rows, _EVAL)
+    hatched = (f"\nhatched test-NLL bars: another K / test images than the others' K = "
+               f"{common[0]} on {common[1]} (not comparable; results.md has the matched column)"
+               if unmatched and common else "")
     fig.suptitle(f"above: decoded samples of each row's prior (its first seed)\nbars: mean over "
                  f"{'/'.join(map(str, seeds))} seed(s), error bars: standard deviation; "
-                 f"dashed: the value when the prior matches q(z)", fontsize=11, y=0.995)
+                 f"dashed: the value when the prior matches q(z){hatched}", fontsize=11,
+                 y=0.995)
     fig.tight_layout(rect=(0, 0.05, 1, 0.97))
     path = out / "comparison.png"
     buffer = io.BytesIO()
