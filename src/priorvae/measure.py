@@ -51,11 +51,14 @@ DIAGNOSTIC_KEYS = ("kl", "mutual_info", "marginal_kl", "kl_prior_to_agg", "hole_
 HELDOUT_CODES = 2000  # codes of held-out images a diagnosis wants at least (see _diagnose)
 
 
-def two_sample(real: torch.Tensor, fake: torch.Tensor, prefix: str) -> tuple[dict, dict]:
+def two_sample(real: torch.Tensor, fake: torch.Tensor, prefix: str, real_block: int = 1
+               ) -> tuple[dict, dict]:
     """k-NN measures and the classifier test of ``fake`` (prior side) against ``real``, named
-    ``PREFIX_precision`` ...; also the classifier's raw output (hole scores)."""
+    ``PREFIX_precision`` ...; also the classifier's raw output (hole scores). ``real_block``:
+    ``real`` holds runs of that many codes of one image, which the classifier's random
+    halves keep together."""
     metrics = knn_two_sample(real, fake)
-    c2st = classifier_two_sample(fake, real)
+    c2st = classifier_two_sample(fake, real, q_block=real_block)
     metrics["c2st_auc"], metrics["c2st_acc"] = c2st["auc"], c2st["accuracy"]
     metrics["c2st_auc_stderr"], metrics["c2st_acc_stderr"] = (c2st["auc_stderr"],
                                                               c2st["accuracy_stderr"])
@@ -204,7 +207,7 @@ def _diagnose(model, splits, classifier, n, train_subset, heldout, heldout_label
     m_two = min(n, len(mu_codes))
     z_held = mu_codes[:m_two] + torch.exp(0.5 * lv_codes[:m_two]) * torch.randn_like(
         mu_codes[:m_two])
-    latent, c2st = two_sample(z_held, z_prior[:m_two], "latent")
+    latent, c2st = two_sample(z_held, z_prior[:m_two], "latent", real_block=draws)
     metrics.update(latent)
     extras = {"agg": agg, "mu_heldout": mu_te, "labels": labels, "z_prior": z_prior,
               "threshold": holes["threshold"], "log_q_prior": holes["log_q_prior"],
