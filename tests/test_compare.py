@@ -499,3 +499,103 @@ def test_figure_marks_bars_estimated_at_another_k_or_other_images():
         "standard_normal+expost-diffusion d40": (50, 500), "flow d40": (5000, 500)}
     assert unmatched_evaluations(rows[:3], labels) == {}  # all at one (K, images): none marked
     assert unmatched_evaluations(rows, ["flow d40"]) == {"flow d40": (5000, 500)}
+
+
+def _script(name: str):
+    """experiments/NAME.py as a module (a script, not part of the package)."""
+    import importlib.util
+
+    path = Path(__file__).parents[1] / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_c2st_grid_replaces_planted_classifier_tests_and_saves_idempotently(tmp_path,
+                                                                           monkeypatch):
+    # commit 78f52a0 changed the classifier test's halves (random, not first and second):
+    # experiments/c2st_grid.py redoes the saved tests of every cell and source of a grid
+    import json
+    import sys
+
+    import torch
+
+    from priorvae.aggregate import encode_split
+    from priorvae.data import load_splits
+    from priorvae.evaluate import evaluate_run, evaluate_sources
+    from priorvae.expost import fit_prior, load_prior_source
+    from priorvae.likelihoods import prepare_splits
+    from priorvae.measure import HELDOUT_CODES
+    from priorvae.twosample import classifier_two_sample
+
+    config = tiny_toml(tmp_path / "c.toml", train={"epochs": 1}, eval={"iw_samples": 2})
+    with open(config, "a") as f:
+        f.write('\n[compare]\npriors = ["standard_normal"]\nseeds = [0]\n'
+                'expost = ["mog"]\nexpost_on = ["standard_normal"]\n')
+    out = tmp_path / "exp"
+    cell = out / "standard_normal-seed0"
+    # the grid's one cell, trained and evaluated as compare does, with fewer diagnostic points
+    assert main(["train", str(config), "--out", str(cell), "--quiet"]) == 0
+    fit_prior(cell, "mog", {"n_components": 3}, label="expost-mog", epochs=3, progress=False)
+    evaluate_sources(cell, ["trained", "expost-mog"], progress=False, n_diagnostic=600)
+    run = Run.open(cell)
+    keys = ("latent_c2st_auc", "latent_c2st_acc", "feature_c2st_auc", "feature_c2st_acc")
+    planted = {k: 0.01 for k in keys} | {f"{k}_stderr": 0.5 for k in keys}
+    sources = run.metrics()["prior_sources"]
+    sources["expost-mog"].update(planted)
+    sources["expost-mog"]["evaluated_checkpoint"] = "0" * 64  # of another best.pt: left alone
+    run.update_metrics(**planted, prior_sources=sources)
+    script = _script("c2st_grid")
+    monkeypatch.setattr(sys, "argv", ["c2st_grid.py", str(out), "--save"])
+    script.main()
+    metrics = run.metrics()
+    # the new values are the classifier test of n prior samples against one posterior draw of
+    # each held-out image (several per image on the small test split), from the run's seed
+    n = metrics["diagnostic_points"]
+    model = run.load_model("best", torch.device("cpu"))
+    splits = prepare_splits(load_splits(run.config.data), model.likelihood)
+    mu, logvar = encode_split(model.encoder, splits.x_test)
+    draws = max(1, min(n, HELDOUT_CODES) // len(mu))
+    assert draws > 1  # the digits' test split is small: the halves keep each image's codes
+    mu, logvar = mu.repeat_interleave(draws, 0), logvar.repeat_interleave(draws, 0)
+    torch.manual_seed(run.config.train.seed)
+    z_prior = load_prior_source(run, model, "trained", splits).sample(n)
+    m = min(n, len(mu))
+    z_held = mu[:m] + torch.exp(0.5 * logvar[:m]) * torch.randn_like(mu[:m])
+    want = classifier_two_sample(z_prior[:m], z_held, q_block=draws)
+    assert metrics["latent_c2st_auc"] == pytest.approx(want["auc"], abs=1e-9)
+    assert metrics["latent_c2st_acc_stderr"] == pytest.approx(want["accuracy_stderr"], abs=1e-9)
+    assert all(metrics[k] != 0.01 for k in keys) and 0.3 < metrics["feature_c2st_auc"] <= 1
+    record = metrics["c2st_recomputed"]
+    assert record["split"] == "random halves" and record["points"] == n
+    assert record["replaced"] == planted and record["feature"] == "recomputed"
+    assert metrics["prior_sources"]["expost-mog"]["latent_c2st_auc"] == 0.01  # stale: untouched
+    assert "c2st_recomputed" not in metrics["prior_sources"]["expost-mog"]
+    rows = {r["source"]: r for r in csv.DictReader(open(out / "c2st" / "c2st.csv"))}
+    assert float(rows["trained"]["old_latent_c2st_auc"]) == 0.01
+    assert float(rows["trained"]["new_latent_c2st_auc"]) == pytest.approx(want["auc"])
+    assert rows["expost-mog"]["skipped"] == "evaluated with another best.pt"
+    # today's checkpoint again: the source is redone; a second --save changes no byte
+    sources = metrics["prior_sources"]
+    sources["expost-mog"]["evaluated_checkpoint"] = metrics["evaluated_checkpoint"]
+    run.update_metrics(prior_sources=sources)
+    script.main()
+    saved = (cell / "metrics.json").read_bytes()
+    mog = json.loads(saved)["prior_sources"]["expost-mog"]
+    assert mog["latent_c2st_auc"] != 0.01 and mog["c2st_recomputed"]["replaced"] == planted
+    script.main()
+    assert (cell / "metrics.json").read_bytes() == saved
+    # the record survives the filters of what a reader shows, and the tables take the values
+    assert Run.open(cell).current_metrics()["c2st_recomputed"]["replaced"] == planted
+    assert main(["compare", str(config), "--out", str(out), "--report-only", "--quiet"]) == 0
+    row = next(r for r in csv.DictReader(open(out / "results.csv"))
+               if r["prior"] == "standard_normal")
+    assert float(row["latent_c2st_auc"]) == pytest.approx(metrics["latent_c2st_auc"])
+    # an evaluation of the same best.pt writes its own tests: the record of the redone goes
+    evaluate_run(cell, progress=False, n_diagnostic=600)
+    assert "c2st_recomputed" not in Run.open(cell).metrics()
+    # bad input: one line
+    monkeypatch.setattr(sys, "argv", ["c2st_grid.py", str(tmp_path / "nowhere")])
+    with pytest.raises(SystemExit, match="not a compare output folder"):
+        script.main()

@@ -395,7 +395,10 @@ def _evaluate_group(run: Run, model, splits, best: dict, group: list[dict], x: t
         # results of another checkpoint are dropped whole: none outlives its model
         if label == TRAINED:
             same = run.metrics().get("evaluated_checkpoint") == best["_sha256"]
-            out[label] = run.update_metrics(drop=() if same else EVALUATION_KEYS, **results)
+            # its own classifier tests replace any redone later (experiments/c2st_grid.py)
+            redone = ("c2st_recomputed",) if diagnostics else ()
+            out[label] = run.update_metrics(drop=redone if same else EVALUATION_KEYS,
+                                            **results)
         else:
             saved = run.metrics().get("prior_sources", {})
             saved = saved if isinstance(saved, dict) else {}

@@ -103,6 +103,8 @@ EVALUATION_KEYS = ("test_elbo", "test_recon", "test_kl", "test_nll", "iw_samples
                    *(f"{space}_{k}" for space in ("latent", "feature") for k in (
                        "precision", "recall", "density", "coverage", "c2st_auc", "c2st_acc")),
                    "non_finite", "matched", "truncation_share", "truncation", "fit_improved",
+                   # the classifier tests redone after the evaluation (experiments/c2st_grid.py)
+                   "c2st_recomputed",
                    # Monte-Carlo errors (priorvae.measure.STDERR_KEYS)
                    *(f"{k}_stderr" for k in (
                        "kl", "mutual_info", "marginal_kl", "kl_prior_to_agg", "hole_rate", "mmd",
