@@ -513,7 +513,7 @@ def _script(name: str):
 
 
 def test_c2st_grid_replaces_planted_classifier_tests_and_saves_idempotently(tmp_path,
-                                                                           monkeypatch):
+                                                                           monkeypatch, capsys):
     # commit 78f52a0 changed the classifier test's halves (random, not first and second):
     # experiments/c2st_grid.py redoes the saved tests of every cell and source of a grid
     import json
@@ -599,3 +599,118 @@ def test_c2st_grid_replaces_planted_classifier_tests_and_saves_idempotently(tmp_
     monkeypatch.setattr(sys, "argv", ["c2st_grid.py", str(tmp_path / "nowhere")])
     with pytest.raises(SystemExit, match="not a compare output folder"):
         script.main()
+    # hostile cells, each its own line, the others done: a grid of copies of the cell
+    import fcntl
+    import os
+
+    grid_dir = tmp_path / "hostile"
+    grid_dir.mkdir()
+
+    def copy(name, edit=None):
+        dst = grid_dir / name
+        shutil.copytree(cell, dst)
+        m = json.loads((dst / "metrics.json").read_text())
+        m["prior_sources"]["expost-mog"].pop("c2st_recomputed", None)
+        if edit is not None:
+            edit(m, m["prior_sources"]["expost-mog"])
+        (dst / "metrics.json").write_text(json.dumps(m))
+        return dst
+
+    def not_numbers(m, mog):  # old values that are no numbers: none, and said so
+        m["c2st_recomputed"] = {"replaced": planted | {"latent_c2st_acc": "abc"}}
+        mog["feature_c2st_auc"] = [1]
+    copy("standard_normal-seed0", not_numbers)
+    copy("standard_normal-seed1", lambda m, mog: (m.update(diagnostic_points=10**12),
+                                                  mog.update(latent_c2st_auc=None)))
+    copy("exemplar-seed0", lambda m, mog: mog.update(diagnostic_points=4))
+
+    def unknown(m, mog):  # no checkpoint, no epoch: unknown; an epoch only (old MNIST): ok
+        del m["evaluated_checkpoint"], m["evaluated_epoch"]
+        del mog["evaluated_checkpoint"]
+    copy("standard_normal-seed2", unknown)
+    copy("vampprior-seed0", lambda m, mog: (m.update(quality_classifier="other"),
+                                            mog.update(diagnostic_points=900)))
+    for name, planted_file, text in (("mog-seed0", "metrics.json", "[1, 2]"),  # damaged cells
+                                     ("mog-seed1", "config.toml", "[[[ garbage"),
+                                     ("mog-seed2", "metrics.json", None)):
+        bad = copy(name)
+        if text is None:
+            outside = (bad / planted_file).read_bytes()
+            (tmp_path / "outside.json").write_bytes(outside)
+            (bad / planted_file).unlink()
+            (bad / planted_file).symlink_to(tmp_path / "outside.json")
+        else:
+            (bad / planted_file).write_text(text)
+    busy = copy("resampled-seed0")
+    busy_bytes = (busy / "metrics.json").read_bytes()
+    (grid_dir / "flow-seed0").symlink_to(cell)
+    (grid_dir / "c2st").mkdir()
+    victim = tmp_path / "victim.md"
+    victim.write_text("victim\n")
+    (grid_dir / "c2st" / "c2st.md").symlink_to(victim)
+    real = script.classifier_two_sample
+
+    def nan_for_900(p, q, q_block=1):  # vampprior-seed0's expost-mog (900 points, 3 codes)
+        out = real(p, q, q_block=q_block)
+        return out | {"auc_stderr": float("nan")} if q_block == 3 else out
+    monkeypatch.setattr(script, "classifier_two_sample", nan_for_900)
+    monkeypatch.setattr(sys, "argv", ["c2st_grid.py", str(grid_dir), "--save"])
+    holder = os.open(busy / ".lock", os.O_RDONLY | os.O_CREAT)
+    fcntl.flock(holder, fcntl.LOCK_SH)  # another process reads it: --save may not write
+    try:
+        with pytest.raises(SystemExit, match="4 of 9 cells not done"):
+            script.main()
+    finally:
+        os.close(holder)
+    said = capsys.readouterr().out
+    assert "Traceback" not in said
+    assert "flow-seed0: a symbolic link, ignored" in said
+    assert re.search(r"mog-seed0: .*metrics.json is damaged.*; skipped", said)
+    assert re.search(r"mog-seed1: .*config.toml.*; skipped", said)
+    assert re.search(r"mog-seed2: .*metrics.json is a symbolic link.*; skipped", said)
+    assert re.search(r"resampled-seed0: .* is in use by .*; skipped", said)
+    assert (busy / "metrics.json").read_bytes() == busy_bytes
+    assert (tmp_path / "outside.json").read_bytes() == outside
+    assert "standard_normal-seed1 expost-mog: skipped (no saved latent AUC)" in said
+    assert "old latent_c2st_acc not a number" in said and "old feature_c2st_auc not" in said
+    rows = {(r["cell"], r["source"]): r
+            for r in csv.DictReader(open(grid_dir / "c2st" / "c2st.csv"))}
+    assert set(rows) == {(c, s) for c in ("standard_normal-seed0", "standard_normal-seed1",
+                                          "standard_normal-seed2", "exemplar-seed0",
+                                          "vampprior-seed0") for s in ("trained", "expost-mog")}
+    assert rows["standard_normal-seed0", "trained"]["old_latent_c2st_acc"] == ""
+    assert float(rows["standard_normal-seed0", "trained"]["old_latent_c2st_auc"]) == 0.01
+    assert rows["standard_normal-seed0", "expost-mog"]["old_feature_c2st_auc"] == ""
+    saved0 = json.loads((grid_dir / "standard_normal-seed0" / "metrics.json").read_text())
+    assert saved0["c2st_recomputed"]["replaced"]["latent_c2st_acc"] is None
+    assert saved0["prior_sources"]["expost-mog"]["c2st_recomputed"]["replaced"][
+        "feature_c2st_auc"] is None
+    assert "diagnostic_points 1000000000000 not understood" in rows[
+        "standard_normal-seed1", "trained"]["skipped"]
+    assert "diagnostic_points 4 not understood" in rows["exemplar-seed0", "expost-mog"]["skipped"]
+    assert rows["exemplar-seed0", "trained"]["new_latent_c2st_auc"] != ""
+    assert rows["standard_normal-seed2", "trained"]["skipped"].startswith("checkpoint unknown")
+    assert rows["standard_normal-seed2", "expost-mog"]["new_latent_c2st_auc"] != ""
+    assert "non-finite new latent_c2st_auc_stderr" in rows["vampprior-seed0",
+                                                            "expost-mog"]["skipped"]
+    vamp = json.loads((grid_dir / "vampprior-seed0" / "metrics.json").read_text())
+    assert "c2st_recomputed" not in vamp["prior_sources"]["expost-mog"]
+    assert "NaN" not in json.dumps(vamp) and "non_finite" not in vamp
+    assert victim.read_text() == "victim\n"  # the planted link is replaced, not followed
+    table = grid_dir / "c2st" / "c2st.md"
+    assert not table.is_symlink() and "(not a number)" in table.read_text()
+    vamp_row = next(line for line in table.read_text().splitlines()
+                    if line.startswith("| vampprior | "))
+    assert vamp_row.endswith("| – | – |") and "()" not in vamp_row  # feature: none redone
+    # the tables' entries: a FIFO, a folder, a folder we may not write in: one line, no work
+    monkeypatch.setattr(sys, "argv", ["c2st_grid.py", str(grid_dir), "--only", "exemplar-*"])
+    for kind, make in (("a FIFO", os.mkfifo), ("a folder", os.mkdir)):
+        table.unlink() if not table.is_dir() else table.rmdir()
+        make(table)
+        with pytest.raises(SystemExit, match=f"c2st.md is {kind}, not a regular file"):
+            script.main()
+    table.rmdir()
+    with monkeypatch.context() as mp:
+        mp.setattr(script.os, "access", lambda *a, **k: False)
+        with pytest.raises(SystemExit, match="cannot write in .*c2st"):
+            script.main()
