@@ -33,9 +33,11 @@ per cell and source, and the mean ± standard deviation over seeds per row). Wit
 it holds each cell exclusively while its tests are redone and writes the new values (and
 their ``_stderr``) into its metrics.json and its ``prior_sources`` entries, with a
 ``c2st_recomputed`` record of how (the old values under ``replaced``; a second ``--save``
-keeps them, so it is idempotent); then ``priorvae compare CONFIG --out OUT --report-only``
-writes the grid's tables again. A cell that cannot be read or written is named in one line
-and left out; the tables hold the others.
+keeps them, so it is idempotent), and draws each redone source's ``figures/hole_scores.png``
+(``figures/LABEL/hole_scores.png`` for a prior source) again from its new latent test, so
+that the picture agrees with the saved AUC (a skipped source keeps its own); then
+``priorvae compare CONFIG --out OUT --report-only`` writes the grid's tables again. A cell
+that cannot be read or written is named in one line and left out; the tables hold the others.
 
     PRIORVAE_DATA=../shared/data OMP_NUM_THREADS=1 python experiments/c2st_grid.py \\
         experiments/results/mnist_remedies_e100 --save
@@ -62,6 +64,7 @@ from priorvae.data import load_splits
 from priorvae.datasets import check_same_data
 from priorvae.errors import PriorVAEError, RunError
 from priorvae.expost import load_prior_source
+from priorvae.figures import hole_score_figure
 from priorvae.likelihoods import prepare_splits
 from priorvae.measure import HELDOUT_CODES, decode_samples
 from priorvae.quality import classifier_cache_dir, classifier_digest, features, get_classifier
@@ -79,6 +82,7 @@ CELL = re.compile(r"(?P<prior>[A-Za-z0-9_.+-]+)-seed(?P<seed>\d+)")
 C2ST_KEYS = ("latent_c2st_auc", "latent_c2st_acc", "feature_c2st_auc", "feature_c2st_acc")
 VALUE_KEYS = (*C2ST_KEYS, *(f"{k}_stderr" for k in C2ST_KEYS))
 RECORD = "c2st_recomputed"
+FIGURE = "hole_figure"  # the arguments of its hole_scores.png (not saved in metrics.json)
 SPLIT = "random halves"
 # diagnostic_points: at least 100 (50 per half: fewer gives AUCs of pure noise), at most ten
 # times evaluate's default n_diagnostic (10,000)
@@ -154,7 +158,7 @@ def c2st_of(model, prior, held: torch.Tensor, mu_te, lv_te, classifier, n: int) 
     z_held = mu_codes[:m_two] + torch.exp(0.5 * lv_codes[:m_two]) * torch.randn_like(
         mu_codes[:m_two])
     out = {"latent": classifier_two_sample(z_prior[:m_two], z_held, q_block=draws),
-           "latent_points": m_two, "block": draws}
+           "latent_points": m_two, "block": draws, "z_prior": z_prior}
     if classifier is not None:
         k = min(n, len(held))
         f_ref, _ = features(classifier, held[:k])
@@ -239,13 +243,29 @@ def recompute_cell(run: Run, seed: int) -> tuple[str, dict[str, dict], dict[str,
                        "script": "experiments/c2st_grid.py",
                        "replaced": olds[label][0]}
         new["seconds"] = round(time.perf_counter() - t0, 1)
+        new[FIGURE] = hole_images(model, result)
         out[label] = new
     return digest, out, olds
 
 
+@torch.no_grad()
+def hole_images(model, result: dict) -> tuple:
+    """``figures.hole_score_figure``'s arguments after the title, as ``measure._diagnose`` and
+    ``evaluate.write_figures`` make them: the decoded prior samples of the 32 lowest and the 32
+    highest hole scores of the latent test, its AUC and its held-out (p, q) points."""
+    c2st, m_two = result["latent"], result["latent_points"]
+    order = c2st["hole_score"].argsort()
+    picks = [(decode_samples(model, result["z_prior"][c2st["p_index"][idx]]),
+              c2st["hole_score"][idx].cpu()) for idx in (order[:32], order[-32:].flip(0))]
+    return (*picks[0], *picks[1], c2st["auc"], (len(c2st["hole_score"]), m_two - m_two // 2))
+
+
 def save_cell(run: Run, digest: str, results: dict[str, dict]) -> None:
-    """Write the new values into metrics.json (the caller holds the run's exclusive lock;
-    refused when best.pt changed since they were computed)."""
+    """Write the new values into metrics.json and redraw each redone source's
+    ``hole_scores.png`` from its new test, as evaluate does (the caller holds the run's
+    exclusive lock; refused when best.pt changed since they were computed)."""
+    import matplotlib.pyplot as plt  # after priorvae.figures: its Agg backend
+
     if file_sha256(run.checkpoint_path("best")) != digest:
         raise RunError(f"{run.path}: best.pt changed while its tests ran; nothing saved")
     metrics = run.metrics()
@@ -254,13 +274,21 @@ def save_cell(run: Run, digest: str, results: dict[str, dict]) -> None:
     for label, new in results.items():
         if "skipped" in new:
             continue
-        values = {k: v for k, v in new.items() if k != "seconds"}
+        values = {k: v for k, v in new.items() if k not in ("seconds", FIGURE)}
         if label == TRAINED:
             own = values
         elif isinstance(sources, dict) and isinstance(sources.get(label), dict):
             sources[label].update(values)
     run.update_metrics(**own, **({"prior_sources": sources}
                                  if isinstance(sources, dict) else {}))
+    title = f"{run.config.prior.name.rpartition(':')[2]} ({run.config.data.name})"
+    for label, new in results.items():  # evaluate._figures_and_tensorboard's titles and folders
+        if "skipped" not in new:
+            fig = hole_score_figure(*new[FIGURE][:5], title if label == TRAINED
+                                    else f"{title}, prior: {label}", new[FIGURE][5])
+            run.save_figure(f"figures/{'' if label == TRAINED else label + '/'}hole_scores.png",
+                            fig)
+            plt.close(fig)
 
 
 def row_label(prior: str, source: str) -> str:

@@ -546,10 +546,18 @@ def test_c2st_grid_replaces_planted_classifier_tests_and_saves_idempotently(tmp_
     sources["expost-mog"].update(planted)
     sources["expost-mog"]["evaluated_checkpoint"] = "0" * 64  # of another best.pt: left alone
     run.update_metrics(**planted, prior_sources=sources)
+    own_fig, mog_fig = (cell / "figures" / "hole_scores.png",
+                        cell / "figures" / "expost-mog" / "hole_scores.png")
+    figs = {own_fig: own_fig.read_bytes(), mog_fig: mog_fig.read_bytes()}  # evaluate's
     script = _script("c2st_grid")
+    monkeypatch.setattr(sys, "argv", ["c2st_grid.py", str(out)])  # without --save: no figure
+    script.main()
+    assert {f: f.read_bytes() for f in figs} == figs
     monkeypatch.setattr(sys, "argv", ["c2st_grid.py", str(out), "--save"])
     script.main()
     metrics = run.metrics()
+    # the own prior's hole-score figure is drawn again from the new test; the skipped keeps its
+    assert own_fig.read_bytes() != figs[own_fig] and mog_fig.read_bytes() == figs[mog_fig]
     # the new values are the classifier test of n prior samples against one posterior draw of
     # each held-out image (several per image on the small test split), from the run's seed
     n = metrics["diagnostic_points"]
@@ -584,8 +592,11 @@ def test_c2st_grid_replaces_planted_classifier_tests_and_saves_idempotently(tmp_
     saved = (cell / "metrics.json").read_bytes()
     mog = json.loads(saved)["prior_sources"]["expost-mog"]
     assert mog["latent_c2st_auc"] != 0.01 and mog["c2st_recomputed"]["replaced"] == planted
+    assert mog_fig.read_bytes() != figs[mog_fig]
+    figs = {f: f.read_bytes() for f in figs}
     script.main()
     assert (cell / "metrics.json").read_bytes() == saved
+    assert {f: f.read_bytes() for f in figs} == figs  # the same draws: the same PNG bytes
     # the record survives the filters of what a reader shows, and the tables take the values
     assert Run.open(cell).current_metrics()["c2st_recomputed"]["replaced"] == planted
     assert main(["compare", str(config), "--out", str(out), "--report-only", "--quiet"]) == 0
