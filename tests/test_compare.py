@@ -233,12 +233,12 @@ def test_table_cells_keep_every_nat_of_large_values():
     assert _mean_std([None]) == "–"
 
 
-def _matched_grid():
-    """experiments/matched_grid.py as a module (a script, not part of the package)."""
+def _script(name: str):
+    """experiments/NAME.py as a module (a script, not part of the package)."""
     import importlib.util
 
-    path = Path(__file__).parents[1] / "experiments" / "matched_grid.py"
-    spec = importlib.util.spec_from_file_location("matched_grid", path)
+    path = Path(__file__).parents[1] / "experiments" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -263,7 +263,7 @@ def test_matched_grid_scores_every_row_at_one_k_on_the_same_images(tmp_path, mon
                 "[compare.args.mog]\nn_components = 3\n")
     out = tmp_path / "exp"
     assert main(["compare", str(config), "--out", str(out), "--quiet"]) == 0
-    script = _matched_grid()
+    script = _script("matched_grid")
     argv = ["matched_grid.py", str(out), "--iw-samples", "4", "--limit", "12"]
     monkeypatch.setattr(sys, "argv", argv)
     script.main()
@@ -499,17 +499,6 @@ def test_figure_marks_bars_estimated_at_another_k_or_other_images():
         "standard_normal+expost-diffusion d40": (50, 500), "flow d40": (5000, 500)}
     assert unmatched_evaluations(rows[:3], labels) == {}  # all at one (K, images): none marked
     assert unmatched_evaluations(rows, ["flow d40"]) == {"flow d40": (5000, 500)}
-
-
-def _script(name: str):
-    """experiments/NAME.py as a module (a script, not part of the package)."""
-    import importlib.util
-
-    path = Path(__file__).parents[1] / "experiments" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_c2st_grid_replaces_planted_classifier_tests_and_saves_idempotently(tmp_path,
